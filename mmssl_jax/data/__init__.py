@@ -1,0 +1,5 @@
+"""Data layer: formats, validation, synthetic default data, BPR sampler."""
+
+from mmssl_jax.data.dataset import DataError, Dataset, Split
+
+__all__ = ["DataError", "Dataset", "Split"]

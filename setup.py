@@ -1,0 +1,27 @@
+"""Install mmssl_jax: `pip install -e .[test]`."""
+import setuptools
+
+setuptools.setup(
+    name="mmssl_jax",
+    version="0.1.0",
+    description="JAX/Flax implementation of MMSSL (Wei et al., WWW 2023): "
+    "multi-modal self-supervised recommendation, reference and paper variants.",
+    packages=setuptools.find_packages(include=["mmssl_jax", "mmssl_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "jaxlib>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "chex>=0.1.88",
+        "jraph>=0.0.6.dev0",
+        "numpy>=1.26",
+        "scipy>=1.11",  # unpickling scipy matrices (trnMat.pkl) and building graphs
+        "absl-py>=2.1",
+        "ml-collections>=0.1.1",
+        "orbax-checkpoint>=0.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+    },
+)
