@@ -1,0 +1,158 @@
+"""Shared pieces of the config files in `configs/` (configs are code).
+
+Every file in `configs/` builds on `base_config()` and accepts a
+big_vision-style argument string, e.g. `--config=configs/tiktok.py:variant=wo_cl`
+or `configs/tiktok.py:model=lightgcn`. The ablation switches are config
+values with the names below; a variant is only a bundle of them.
+
+Ablation switches (`variant=` values) and what they set:
+  full     the model as configured.
+  wo_asl   loss.adversarial='none': no critic, no generator loss.
+  wo_cl    loss.contrastive=False: no cross-modal contrastive loss.
+  wo_gt    loss.gumbel_transform=False: real rows are the L1-normalised
+           observed interactions plus the same model-score mixing.
+  rp_gae   loss.adversarial='edge_likelihood': the adversarial task replaced
+           by the log-likelihood of observed edges under the generated rows;
+           no critic.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ABLATIONS = ("full", "wo_asl", "wo_cl", "wo_gt", "rp_gae")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The released code's HEAD defaults (`mmssl_reference.md` §6.1)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 2022
+  c.variant = "full"  # one of ABLATIONS; applied by `apply_arg`.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "folder"  # 'folder' or 'synthetic'
+  c.data.dir = ""
+  c.data.format = "auto"  # 'auto', 'mmssl', 'mmrec' or 'pickle'
+  c.data.modalities = []  # [] = every *_feat.npy in the folder, sorted
+  c.data.expected_files = "train.json, val.json, test.json, <modality>_feat.npy"
+  c.data.synthetic = synthetic_config()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "mmssl"  # 'mmssl' or 'lightgcn'
+  c.model.embed_size = 64
+  c.model.id_layers = 2  # len(weight_size) in the released code
+  c.model.last_layer_softmax = True  # softmax over dims on the last ID layer
+  c.model.drop_rate = 0.2
+  c.model.id_cat_rate = 0.36
+  c.model.model_cat_rate = 0.55
+  c.model.head_num = 4
+  c.model.fusion = "mean_wsum"  # what the released attention computes (§2.4)
+  c.model.lightgcn_layers = 3  # LightGCN baseline only
+
+  c.critic = ml_collections.ConfigDict()
+  c.critic.kind = "dense"  # I -> I/4 -> I/8 -> 1 (§3.5)
+  c.critic.negative_slope = 1.0  # LeakyReLU(True): the identity (§3.5)
+  c.critic.batch_norm = True
+  c.critic.dropout = (0.31, 0.5)  # G_drop1, G_drop2
+  c.critic.output_scale = 100.0  # 100 * sigmoid
+  c.critic.sigmoid_output = True
+  c.critic.lr = 3e-4  # D_lr
+  c.critic.b1 = 0.5
+  c.critic.b2 = 0.9
+  c.critic.gp_weight = 0.3  # hard-coded LAMBDA in the released code
+  c.critic.gp_rate = 1.0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.emb_decay = 1e-5  # regs[0]
+  c.loss.feat_decay = 1e-5  # feat_reg_decay
+  c.loss.contrastive = True  # False = wo_cl
+  c.loss.cl_rate = 0.03
+  c.loss.tau = 0.5
+  c.loss.adversarial = "wgan"  # 'wgan', 'none' (wo_asl), 'edge_likelihood' (rp_gae)
+  c.loss.g_rate = 1e-4  # G_rate
+  c.loss.gumbel_transform = True  # False = wo_gt
+  c.loss.real_data_tau = 0.005
+  c.loss.ui_pre_scale = 100.0
+  c.loss.gumbel_scale = 1e-5  # log_log_scale
+
+  c.graph_update = ml_collections.ConfigDict()
+  c.graph_update.schedule = "reference"  # rebuild every T, dropping the batch
+  c.graph_update.T = 1
+  c.graph_update.m_topk_rate = 1e-4  # k = floor(I * m_topk_rate)
+  c.graph_update.pairing = "tiled"  # released repeat() bug: users[p mod B]
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"  # 'adamw' (released, decoupled decay) or 'adam'
+  c.optim.lr = 5.5e-4
+  c.optim.weight_decay = 0.01  # PyTorch AdamW default, implicit in the code
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 1024
+  c.train.epochs = 1000
+  c.train.generator_block = 1024  # item block of the generated rows
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.ks = (10, 20, 50)
+  c.eval.every_epochs = 1
+  c.eval.patience = 7  # stop on the 8th non-improving evaluation
+  c.eval.metric = "recall@20"
+  c.eval.block_users = 1024
+  c.eval.exclude_val_in_test = False  # the reference excludes train only
+  return c
+
+
+def synthetic_config() -> ml_collections.ConfigDict:
+  """Parameters of the embedded synthetic dataset (`data/synthetic.py`)."""
+  s = ml_collections.ConfigDict()
+  s.seed = 0
+  s.n_users = 1500
+  s.n_items = 1200
+  s.n_factors = 16
+  s.mean_interactions = 16
+  s.popularity_skew = 1.0
+  s.modality_dims = {"image": 64, "text": 48, "noise": 16}
+  s.modality_noise = {"image": 0.5, "text": 1.0, "noise": -1.0}  # <0: pure noise
+  return s
+
+
+def lightgcn(c: ml_collections.ConfigDict) -> None:
+  """Turns `c` into the LightGCN baseline (BPR + L2 on ego embeddings, Adam)."""
+  c.model.name = "lightgcn"
+  c.optim.name = "adam"
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 0.0
+  c.loss.emb_decay = 1e-4
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str | None):
+  """Applies a `key=value,key=value` config argument.
+
+  Keys: `variant` (one of ABLATIONS) and `model` ('mmssl' or 'lightgcn').
+  """
+  if not arg:
+    return c
+  for item in arg.split(","):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"config argument {item!r} is not key=value")
+    if key == "variant":
+      if value not in ABLATIONS:
+        raise ValueError(f"variant={value!r}: expected one of {ABLATIONS}")
+      c.variant = value
+      if value == "wo_asl":
+        c.loss.adversarial = "none"
+      elif value == "wo_cl":
+        c.loss.contrastive = False
+      elif value == "wo_gt":
+        c.loss.gumbel_transform = False
+      elif value == "rp_gae":
+        c.loss.adversarial = "edge_likelihood"
+    elif key == "model":
+      if value == "lightgcn":
+        lightgcn(c)
+      elif value != "mmssl":
+        raise ValueError(f"model={value!r}: expected 'mmssl' or 'lightgcn'")
+    else:
+      raise ValueError(f"unknown config argument key {key!r} "
+                       "(expected variant= or model=)")
+  return c

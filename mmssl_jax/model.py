@@ -1,0 +1,180 @@
+"""The recommender forward pass, pure over a params pytree.
+
+`forward` is MMSSL's recommender as the released code computes it
+(`mmssl_reference.md` §2.3, steps a-h); `lightgcn_forward` is the ID branch
+alone, our LightGCN baseline. Parameters are plain nested dicts created by the
+`init_*` functions with the released initialisations (§2.2).
+
+The released code also creates parameters that never influence an output
+(`w_q`, `w_k`, `w_v`, `common_trans`, the trainable feature copies, ...; §2.2).
+We leave them out: they cannot change any prediction, and the only thing they
+could change (AdamW decay of a parameter that gets no gradient) is invisible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mmssl_jax import graph as graph_lib
+from mmssl_jax import losses
+
+Array = jax.Array
+Params = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelHParams:
+  """Static (hashable) model settings; see `configs/` for their meaning."""
+
+  embed_size: int = 64
+  id_layers: int = 2
+  last_layer_softmax: bool = True
+  drop_rate: float = 0.2
+  id_cat_rate: float = 0.36
+  model_cat_rate: float = 0.55
+  head_num: int = 4
+  fusion: str = "mean_wsum"
+
+  @classmethod
+  def from_config(cls, model_config) -> "ModelHParams":
+    return cls(
+        embed_size=model_config.embed_size,
+        id_layers=model_config.id_layers,
+        last_layer_softmax=model_config.last_layer_softmax,
+        drop_rate=model_config.drop_rate,
+        id_cat_rate=model_config.id_cat_rate,
+        model_cat_rate=model_config.model_cat_rate,
+        head_num=model_config.head_num,
+        fusion=model_config.fusion,
+    )
+
+
+class ForwardOutput(NamedTuple):
+  """What one forward pass returns (the released tuple, §2.3 "Returned").
+
+  user, item: final representations u*, i* (U, d), (I, d).
+  feat_user, feat_item: per-modality feature-GNN outputs H^m_U, H^m_I.
+  modality_user, modality_item: per-modality ID propagation E^m_U, E^m_I
+    over the modality graphs.
+  """
+
+  user: Array
+  item: Array
+  feat_user: dict[str, Array]
+  feat_item: dict[str, Array]
+  modality_user: dict[str, Array]
+  modality_item: dict[str, Array]
+
+
+def _xavier_uniform(key, shape):
+  return jax.nn.initializers.xavier_uniform()(key, shape, jnp.float32)
+
+
+def init_embeddings(key, n_users: int, n_items: int, embed_size: int) -> Params:
+  """ID embeddings, xavier-uniform on the (n, d) tables (§2.2)."""
+  ku, ki = jax.random.split(key)
+  return {
+      "user_id_embedding": _xavier_uniform(ku, (n_users, embed_size)),
+      "item_id_embedding": _xavier_uniform(ki, (n_items, embed_size)),
+  }
+
+
+def init_params(key, *, n_users: int, n_items: int,
+                modality_dims: Mapping[str, int], hp: ModelHParams) -> Params:
+  """MMSSL recommender parameters with the released initialisation (§2.2).
+
+  Per modality a Linear d_m -> d (xavier-uniform kernel, PyTorch-default bias
+  U(+-1/sqrt(d_m))); ID embeddings; `w_self_attention_cat` (H*d, d), whose
+  row blocks sum to the fusion matrix W_sum (§2.4).
+  """
+  keys = jax.random.split(key, 2 + 2 * len(modality_dims))
+  params = init_embeddings(keys[0], n_users, n_items, hp.embed_size)
+  params["w_self_attention_cat"] = _xavier_uniform(
+      keys[1], (hp.head_num * hp.embed_size, hp.embed_size))
+  proj = {}
+  for n, (m, dim) in enumerate(modality_dims.items()):
+    bound = 1.0 / dim ** 0.5
+    proj[m] = {
+        "kernel": _xavier_uniform(keys[2 + 2 * n], (dim, hp.embed_size)),
+        "bias": jax.random.uniform(keys[3 + 2 * n], (hp.embed_size,),
+                                   jnp.float32, -bound, bound),
+    }
+  params["modality_proj"] = proj
+  return params
+
+
+def _dropout(key, x, rate: float, train: bool):
+  if not train or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def fuse_modalities(params: Params, views: list[Array],
+                    hp: ModelHParams) -> Array:
+  """Cross-modal fusion of the modality ID views (§2.3 d, §2.4).
+
+  'mean_wsum': the released "multi-head self-attention" reduces exactly to
+  mean_m(E^m) @ W_sum, W_sum the sum of the H row blocks of W_cat (§2.4).
+  """
+  if hp.fusion != "mean_wsum":
+    raise ValueError(f"unknown model.fusion {hp.fusion!r}")
+  w_cat = params["w_self_attention_cat"]
+  w_sum = w_cat.reshape(hp.head_num, hp.embed_size, hp.embed_size).sum(0)
+  return jnp.mean(jnp.stack(views), 0) @ w_sum
+
+
+def forward(params: Params, base_graph: graph_lib.BipartiteGraph,
+            features: Mapping[str, Array],
+            modality_graphs: Mapping[str, graph_lib.BipartiteGraph], *,
+            key: Array, train: bool, hp: ModelHParams) -> ForwardOutput:
+  """MMSSL recommender forward (§2.3 a-h).
+
+  Args:
+    params: from `init_params`.
+    base_graph: the training graph with one-sided weights (§2.1).
+    features: modality name -> raw item features (I, d_m).
+    modality_graphs: modality name -> current modality ID graph G^m (§2.1,
+      §4.4); fixed-capacity, padding edges have weight 0.
+    key: dropout key (ignored when train=False).
+    train: dropout on/off.
+    hp: static hyper-parameters.
+  """
+  user_id = params["user_id_embedding"]
+  item_id = params["item_id_embedding"]
+  n_users, n_items = user_id.shape[0], item_id.shape[0]
+  drop_keys = jax.random.split(key, len(features))
+  n = losses.l2_normalize
+  feat_user, feat_item, mod_user, mod_item = {}, {}, {}, {}
+  for drop_key, (m, feats) in zip(drop_keys, features.items()):
+    proj = params["modality_proj"][m]
+    x = _dropout(drop_key, feats @ proj["kernel"] + proj["bias"],
+                 hp.drop_rate, train)                                   # (a)
+    feat_user[m] = graph_lib.to_users(base_graph, x, n_users)          # (b)
+    feat_item[m] = graph_lib.to_items(base_graph, feat_user[m], n_items)
+    g = modality_graphs[m]
+    mod_user[m] = graph_lib.to_users(g, item_id, n_users)              # (c)
+    mod_item[m] = graph_lib.to_items(g, user_id, n_items)
+  fused_user = fuse_modalities(params, list(mod_user.values()), hp)    # (d)
+  fused_item = fuse_modalities(params, list(mod_item.values()), hp)
+  user_ego = user_id + hp.id_cat_rate * n(fused_user)                  # (e)
+  item_ego = item_id + hp.id_cat_rate * n(fused_item)
+  user, item = graph_lib.mmssl_id_propagate(                           # (f)
+      base_graph, user_ego, item_ego, hp.id_layers,
+      last_layer_softmax=hp.last_layer_softmax)
+  for m in features:                                                   # (g)
+    user = user + hp.model_cat_rate * n(feat_user[m])
+    item = item + hp.model_cat_rate * n(feat_item[m])
+  return ForwardOutput(user, item, feat_user, feat_item, mod_user, mod_item)
+
+
+def lightgcn_forward(params: Params, graph: graph_lib.BipartiteGraph,
+                     n_layers: int) -> tuple[Array, Array]:
+  """LightGCN final user/item embeddings (symmetric graph, layer mean)."""
+  return graph_lib.lightgcn_propagate(
+      graph, params["user_id_embedding"], params["item_id_embedding"],
+      n_layers)

@@ -1,0 +1,325 @@
+"""Jitted train steps: MMSSL's two-player iteration and the LightGCN baseline.
+
+`make_mmssl_step` builds one function per run that does, in the released order
+(`mmssl_reference.md` §4.3): sample a batch; a no-gradient forward; the critic
+(D) update with Adam; a second forward with a fresh dropout key; the
+recommender update with AdamW; and the modality-graph bookkeeping (§4.4). The
+step is compiled once: shapes are static, the batch index within the epoch is
+a traced argument, the state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mmssl_jax import critic as critic_lib
+from mmssl_jax import graph as graph_lib
+from mmssl_jax import losses
+from mmssl_jax import model as model_lib
+from mmssl_jax.data import sampler as sampler_lib
+from mmssl_jax import state as state_lib
+from mmssl_jax.state import GraphBuffer, StepInputs, TrainState
+
+
+def make_optimizer(optim: ml_collections.ConfigDict):
+  """The recommender optimiser: AdamW (decoupled decay, as torch) or Adam."""
+  if optim.name == "adamw":
+    return optax.adamw(optim.lr, b1=0.9, b2=0.999, eps=1e-8,
+                       weight_decay=optim.weight_decay)
+  if optim.name == "adam":
+    return optax.adam(optim.lr)
+  raise ValueError(f"unknown optim.name {optim.name!r}")
+
+
+def make_critic_optimizer(critic: ml_collections.ConfigDict):
+  return optax.adam(critic.lr, b1=critic.b1, b2=critic.b2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """Static sizes of a run."""
+
+  n_users: int
+  n_items: int
+  n_train: int
+  modalities: tuple[str, ...]
+
+
+def topk_k(config, n_items: int) -> int:
+  """k = floor(I * m_topk_rate) (§4.4); 0 for the Baby settings."""
+  return int(n_items * config.graph_update.m_topk_rate)
+
+
+def buffer_capacity(config, n_items: int) -> int:
+  """Pairs the reference schedule can accumulate between two rebuilds.
+
+  Rebuilds happen at batch indices that are positive multiples of T and the
+  lists survive epoch boundaries, so at most (T - 1) + 1 + (T - 1) batches of
+  B * k pairs accumulate (end of one epoch, index 0, then up to T - 1 more).
+  """
+  t = config.graph_update.T
+  return (2 * t - 1) * config.train.batch_size * topk_k(config, n_items)
+
+
+def _critic_fn(config, params, stats, key):
+  c = config.critic
+  return lambda x: critic_lib.dense_critic_apply(
+      params, stats, x, key=key, negative_slope=c.negative_slope,
+      batch_norm=c.batch_norm, dropout=tuple(c.dropout),
+      output_scale=c.output_scale, sigmoid_output=c.sigmoid_output,
+      train=True)
+
+
+def _pair_topk(users, top_items, pairing: str):
+  """(user, item) pairs from each batch user's top-k items (§4.4).
+
+  'tiled' reproduces the released `repeat(1, k)`: the user list is the batch
+  tiled k times while items are read row by row, so position p = b*k + j gets
+  user users[p mod B] and item top_items[b, j]. 'per_user' pairs each row's
+  items with that row's user.
+  """
+  b, k = top_items.shape
+  items = top_items.reshape(-1)
+  if pairing == "tiled":
+    return jnp.tile(users, k), items
+  if pairing == "per_user":
+    return jnp.repeat(users, k), items
+  raise ValueError(f"unknown graph_update.pairing {pairing!r}")
+
+
+def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
+                           batch_idx, *, k: int, period: int, pairing: str,
+                           n_users: int, n_items: int):
+  """The released modality-graph regeneration schedule (§4.4).
+
+  At a batch index that is a positive multiple of T, rebuild G^m from the
+  accumulated pairs (one-sided weights, duplicates summed) and clear the
+  lists; the current batch is not added. Otherwise append this batch's top-k
+  pairs. An empty list gives an all-zero graph.
+  """
+  rebuild = (batch_idx > 0) & (batch_idx % period == 0)
+
+  def do_rebuild(graphs, buffer):
+    capacity = next(iter(graphs.values())).n_edges
+    new = {}
+    for m, g in graphs.items():
+      u = jnp.zeros((capacity,), jnp.int32)
+      i = jnp.zeros((capacity,), jnp.int32)
+      n_buf = buffer.users[m].shape[0]
+      if n_buf:
+        u = u.at[:n_buf].set(buffer.users[m])
+        i = i.at[:n_buf].set(buffer.items[m])
+      valid = jnp.arange(capacity) < buffer.length
+      w_u, w_i = graph_lib.one_sided_weights(u, i, valid, n_users, n_items)
+      new[m] = graph_lib.BipartiteGraph(u, i, w_u, w_i)
+    return new, buffer._replace(length=jnp.zeros((), jnp.int32))
+
+  def do_append(graphs, buffer):
+    if k == 0:
+      return graphs, buffer
+    bu, bi = dict(buffer.users), dict(buffer.items)
+    for m, rows in gen_rows.items():
+      _, top = jax.lax.top_k(rows, k)
+      pu, pi = _pair_topk(users, top.astype(jnp.int32), pairing)
+      bu[m] = jax.lax.dynamic_update_slice(bu[m], pu, (buffer.length,))
+      bi[m] = jax.lax.dynamic_update_slice(bi[m], pi, (buffer.length,))
+    return graphs, GraphBuffer(bu, bi, buffer.length + users.shape[0] * k)
+
+  return jax.lax.cond(rebuild, do_rebuild, do_append, graphs, buffer)
+
+
+def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
+                    ) -> Callable:
+  """Returns jitted `step(state, batch_idx, inputs) -> (state, metrics)`."""
+  hp = model_lib.ModelHParams.from_config(config.model)
+  tx = make_optimizer(config.optim)
+  critic_tx = make_critic_optimizer(config.critic)
+  loss_cfg, gu = config.loss, config.graph_update
+  batch_size = config.train.batch_size
+  n_users, n_items = shapes.n_users, shapes.n_items
+  n_mod = len(shapes.modalities)
+  k = topk_k(config, n_items)
+  block = config.train.generator_block
+  adversarial = loss_cfg.adversarial
+  if adversarial not in ("wgan", "none", "edge_likelihood"):
+    raise ValueError(f"unknown loss.adversarial {adversarial!r}")
+  if gu.schedule != "reference":
+    raise ValueError(f"unknown graph_update.schedule {gu.schedule!r}")
+
+  def gen_rows(out, users, interactions):
+    return {m: graph_lib.generated_rows(out.feat_user[m][users],
+                                        out.feat_item[m], interactions,
+                                        block_size=block)
+            for m in shapes.modalities}
+
+  def step(state: TrainState, batch_idx, inputs: StepInputs):
+    keys = jax.random.split(state.rng, 10)
+    rng, k_sample, k_fwd1, k_gumbel, k_dreal, k_dfake, k_gp, k_gpx, k_fwd2, \
+        k_gen = keys
+    users, pos, neg = sampler_lib.sample_batch(
+        k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items)
+    interactions = graph_lib.dense_rows(inputs.sampler.train_lists[users],
+                                        n_items)
+    forward = lambda p, key: model_lib.forward(
+        p, inputs.graph, inputs.features, state.modality_graphs, key=key,
+        train=True, hp=hp)
+    metrics = {}
+
+    # --- Critic (D) step: no-gradient forward, then one Adam step (§4.3.2).
+    critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
+    critic_stats = state.critic_stats
+    if adversarial == "wgan":
+      out = jax.lax.stop_gradient(forward(state.params, k_fwd1))
+      fake = jnp.concatenate(list(gen_rows(out, users, interactions).values()))
+      model_rows = graph_lib.generated_rows(out.user[users], out.item,
+                                            interactions, block_size=block)
+      real = losses.gumbel_real_rows(
+          key=k_gumbel, interactions=interactions, model_rows=model_rows,
+          gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
+          ui_pre_scale=loss_cfg.ui_pre_scale,
+          use_gumbel=loss_cfg.gumbel_transform)
+      real = jax.lax.stop_gradient(jnp.tile(real, (n_mod, 1)))
+
+      def critic_loss(cp):
+        d_real, stats = _critic_fn(config, cp, critic_stats, k_dreal)(real)
+        d_fake, stats = _critic_fn(config, cp, stats, k_dfake)(fake)
+        gp_fn = lambda x: _critic_fn(config, cp, stats, k_gp)(x)[0]
+        gp = critic_lib.gradient_penalty(gp_fn, real, fake, key=k_gpx)
+        loss = losses.wgan_critic_loss(
+            d_real=d_real, d_fake=d_fake, gradient_penalty=gp,
+            gp_weight=config.critic.gp_weight * config.critic.gp_rate)
+        return loss, (stats, jnp.mean(d_real), jnp.mean(d_fake), gp)
+
+      (d_loss, (critic_stats, d_real, d_fake, gp)), grads = (
+          jax.value_and_grad(critic_loss, has_aux=True)(critic_params))
+      updates, critic_opt_state = critic_tx.update(grads, critic_opt_state,
+                                                   critic_params)
+      critic_params = optax.apply_updates(critic_params, updates)
+      metrics.update(critic=d_loss, d_real=d_real, d_fake=d_fake, gp=gp)
+
+    # --- Recommender step: second forward with a fresh dropout key (§4.3.3).
+    def rec_loss(params):
+      out = forward(params, k_fwd2)
+      u, p, n = out.user[users], out.item[pos], out.item[neg]
+      terms = {
+          "bpr": losses.bpr_loss(user_emb=u, pos_emb=p, neg_emb=n),
+          "emb_l2": losses.embedding_l2(
+              user_emb=u, pos_emb=p, neg_emb=n, decay=loss_cfg.emb_decay,
+              batch_size=batch_size),
+          "feat_l2": losses.feature_l2(
+              user_feats=list(out.feat_user.values()),
+              item_feats=list(out.feat_item.values()),
+              decay=loss_cfg.feat_decay, n_items=n_items),
+      }
+      total = terms["bpr"] + terms["emb_l2"] + terms["feat_l2"]
+      if loss_cfg.contrastive:
+        terms["cl"] = sum(
+            losses.infonce(anchor=out.modality_user[m][users], positive=u,
+                           tau=loss_cfg.tau) for m in shapes.modalities)
+        total = total + loss_cfg.cl_rate * terms["cl"]
+      rows = gen_rows(out, users, interactions)
+      if adversarial == "wgan":
+        d_gen, _ = _critic_fn(config, critic_params, critic_stats, k_gen)(
+            jnp.concatenate(list(rows.values())))
+        terms["gen"] = losses.wgan_generator_loss(d_fake=d_gen)
+        total = total + loss_cfg.g_rate * terms["gen"]
+      elif adversarial == "edge_likelihood":
+        terms["gen"] = sum(
+            losses.edge_likelihood_loss(
+                generated_rows=out.feat_user[m][users] @ out.feat_item[m].T,
+                interactions=interactions) for m in shapes.modalities)
+        total = total + loss_cfg.g_rate * terms["gen"]
+      terms["loss"] = total
+      return total, (terms, jax.lax.stop_gradient(rows))
+
+    (_, (terms, rows)), grads = jax.value_and_grad(rec_loss, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(terms)
+
+    graphs, buffer = reference_graph_update(
+        state.modality_graphs, state.graph_buffer, rows, users, batch_idx,
+        k=k, period=gu.T, pairing=gu.pairing, n_users=n_users,
+        n_items=n_items)
+    new_state = TrainState(
+        step=state.step + 1, rng=rng, params=params, opt_state=opt_state,
+        critic_params=critic_params, critic_opt_state=critic_opt_state,
+        critic_stats=critic_stats, modality_graphs=graphs,
+        graph_buffer=buffer)
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_lightgcn_step(config: ml_collections.ConfigDict, shapes: Shapes
+                       ) -> Callable:
+  """LightGCN: BPR + L2 on the batch's ego embeddings, Adam."""
+  tx = make_optimizer(config.optim)
+  batch_size, n_items = config.train.batch_size, shapes.n_items
+  n_layers = config.model.lightgcn_layers
+
+  def step(state: TrainState, batch_idx, inputs: StepInputs):
+    del batch_idx
+    rng, k_sample = jax.random.split(state.rng)
+    users, pos, neg = sampler_lib.sample_batch(
+        k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items)
+
+    def loss_fn(params):
+      user, item = model_lib.lightgcn_forward(params, inputs.graph, n_layers)
+      bpr = losses.bpr_loss(user_emb=user[users], pos_emb=item[pos],
+                            neg_emb=item[neg])
+      reg = losses.embedding_l2(
+          user_emb=params["user_id_embedding"][users],
+          pos_emb=params["item_id_embedding"][pos],
+          neg_emb=params["item_id_embedding"][neg],
+          decay=config.loss.emb_decay, batch_size=batch_size)
+      return bpr + reg, {"bpr": bpr, "emb_l2": reg, "loss": bpr + reg}
+
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state._replace(step=state.step + 1, rng=rng, params=params,
+                          opt_state=opt_state), terms
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
+               base_graph: graph_lib.BipartiteGraph,
+               modality_dims: dict[str, int], key) -> TrainState:
+  """Initial train state (parameters with the released initialisations)."""
+  k_params, k_critic, k_rng = jax.random.split(key, 3)
+  if config.model.name == "lightgcn":
+    params = model_lib.init_embeddings(k_params, shapes.n_users,
+                                       shapes.n_items, config.model.embed_size)
+    return TrainState(jnp.zeros((), jnp.int32), k_rng, params,
+                      make_optimizer(config.optim).init(params), None, None,
+                      None, {}, None)
+  hp = model_lib.ModelHParams.from_config(config.model)
+  params = model_lib.init_params(
+      k_params, n_users=shapes.n_users, n_items=shapes.n_items,
+      modality_dims=modality_dims, hp=hp)
+  critic_params = critic_opt_state = critic_stats = None
+  if config.loss.adversarial == "wgan":
+    critic_params = critic_lib.init_dense_critic(
+        k_critic, shapes.n_items, batch_norm=config.critic.batch_norm)
+    critic_stats = critic_lib.init_critic_batch_stats(critic_params)
+    critic_opt_state = make_critic_optimizer(config.critic).init(critic_params)
+  cap = buffer_capacity(config, shapes.n_items)
+  graphs = state_lib.initial_modality_graphs(
+      base_graph, shapes.modalities,
+      state_lib.modality_graph_capacity(shapes.n_train, cap))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), rng=k_rng, params=params,
+      opt_state=make_optimizer(config.optim).init(params),
+      critic_params=critic_params, critic_opt_state=critic_opt_state,
+      critic_stats=critic_stats, modality_graphs=graphs,
+      graph_buffer=state_lib.empty_buffer(shapes.modalities, cap))
