@@ -14,10 +14,10 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.data.source = "synthetic"
   c.data.expected_files = ""
-  c.train.batch_size = 256
-  c.train.epochs = 40
+  c.train.batch_size = 512
+  c.train.epochs = 20
   c.optim.lr = 2e-3
-  c.graph_update.m_topk_rate = 0.01  # k = 12 on 1,200 items
+  c.graph_update.m_topk_rate = 0.01  # k = 8 on 800 items
   c.loss.g_rate = 1e-3
   c.loss.real_data_tau = 0.002
   c.eval.patience = 5

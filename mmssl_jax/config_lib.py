@@ -105,11 +105,12 @@ def synthetic_config() -> ml_collections.ConfigDict:
   """Parameters of the embedded synthetic dataset (`data/synthetic.py`)."""
   s = ml_collections.ConfigDict()
   s.seed = 0
-  s.n_users = 1500
-  s.n_items = 1200
+  s.n_users = 1200
+  s.n_items = 800
   s.n_factors = 16
   s.mean_interactions = 16
-  s.popularity_skew = 1.0
+  s.popularity_skew = 0.5
+  s.taste_scale = 3.0
   s.modality_dims = {"image": 64, "text": 48, "noise": 16}
   s.modality_noise = {"image": 0.5, "text": 1.0, "noise": -1.0}  # <0: pure noise
   return s

@@ -2,7 +2,7 @@
 
 Users and items have planted latent factors; a user's interactions are drawn
 without replacement with probability proportional to
-exp(<p_u, q_i> / sqrt(f) + skew * log popularity_i), so both taste and a
+exp(taste * <p_u, q_i> / sqrt(f) - skew * log rank_i), so both taste and a
 popularity skew shape the data. Each modality is a noisy nonlinear view of the
 item factors with its own dimension (tanh of a random projection plus
 Gaussian noise); a modality whose noise is negative is pure noise. Interaction
@@ -30,7 +30,8 @@ def make_synthetic(cfg) -> Dataset:
   item_f = rng.normal(size=(n_items, f))
   log_pop = -cfg.popularity_skew * np.log(
       rng.permutation(np.arange(1, n_items + 1)))  # Zipf-like popularity
-  logits = user_f @ item_f.T / np.sqrt(f) * 2.0 + log_pop[None, :]
+  logits = (cfg.taste_scale * user_f @ item_f.T / np.sqrt(f)
+            + log_pop[None, :])
   counts = np.clip(rng.geometric(1.0 / (cfg.mean_interactions - 2), n_users)
                    + 2, 3, n_items // 2)
 
