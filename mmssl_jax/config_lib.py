@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 1024
   c.train.epochs = 1000
-  c.train.generator_block = 1024  # item block of the generated rows
+  c.train.generator_block = 0  # item block of the generated rows; 0 = one product
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (10, 20, 50)

@@ -67,13 +67,40 @@ def buffer_capacity(config, n_items: int) -> int:
   return (2 * t - 1) * config.train.batch_size * topk_k(config, n_items)
 
 
-def _critic_fn(config, params, stats, key):
+def _critic_head(config, params, stats, key):
+  """h -> (scores, stats): the critic after its first layer, as configured."""
   c = config.critic
-  return lambda x: critic_lib.dense_critic_apply(
-      params, stats, x, key=key, negative_slope=c.negative_slope,
+  return lambda h: critic_lib.critic_head(
+      params, stats, h, key=key, negative_slope=c.negative_slope,
       batch_norm=c.batch_norm, dropout=tuple(c.dropout),
       output_scale=c.output_scale, sigmoid_output=c.sigmoid_output,
       train=True)
+
+
+def critic_loss(critic_params, config, critic_stats, real_rows, fake_rows,
+                n_modalities: int, keys):
+  """WGAN-GP critic loss (§3.5) with the first layer computed once per row.
+
+  `real_rows` are the B distinct real rows; the released code stacks them
+  n_modalities times to match the fake rows, which only matters after the
+  first (affine) layer, so that layer runs on B rows instead of M*B. The
+  penalty reuses the real and fake first-layer outputs
+  (`critic.gradient_penalty_from_hidden`). Returns (loss, aux).
+  """
+  k_real, k_fake, k_gp, k_alpha = keys
+  h_real = jnp.tile(critic_lib.first_layer(critic_params, real_rows),
+                    (n_modalities, 1))
+  h_fake = critic_lib.first_layer(critic_params, fake_rows)
+  d_real, stats = _critic_head(config, critic_params, critic_stats,
+                               k_real)(h_real)
+  d_fake, stats = _critic_head(config, critic_params, stats, k_fake)(h_fake)
+  gp = critic_lib.gradient_penalty_from_hidden(
+      lambda h: _critic_head(config, critic_params, stats, k_gp)(h)[0],
+      h_real, h_fake, critic_params["dense_0"]["kernel"], key=k_alpha)
+  loss = losses.wgan_critic_loss(
+      d_real=d_real, d_fake=d_fake, gradient_penalty=gp,
+      gp_weight=config.critic.gp_weight * config.critic.gp_rate)
+  return loss, (stats, jnp.mean(d_real), jnp.mean(d_fake), gp)
 
 
 def _pair_topk(users, top_items, pairing: str):
@@ -184,20 +211,11 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
           gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
           ui_pre_scale=loss_cfg.ui_pre_scale,
           use_gumbel=loss_cfg.gumbel_transform)
-      real = jax.lax.stop_gradient(jnp.tile(real, (n_mod, 1)))
-
-      def critic_loss(cp):
-        d_real, stats = _critic_fn(config, cp, critic_stats, k_dreal)(real)
-        d_fake, stats = _critic_fn(config, cp, stats, k_dfake)(fake)
-        gp_fn = lambda x: _critic_fn(config, cp, stats, k_gp)(x)[0]
-        gp = critic_lib.gradient_penalty(gp_fn, real, fake, key=k_gpx)
-        loss = losses.wgan_critic_loss(
-            d_real=d_real, d_fake=d_fake, gradient_penalty=gp,
-            gp_weight=config.critic.gp_weight * config.critic.gp_rate)
-        return loss, (stats, jnp.mean(d_real), jnp.mean(d_fake), gp)
-
+      real = jax.lax.stop_gradient(real)
       (d_loss, (critic_stats, d_real, d_fake, gp)), grads = (
-          jax.value_and_grad(critic_loss, has_aux=True)(critic_params))
+          jax.value_and_grad(critic_loss, has_aux=True)(
+              critic_params, config, critic_stats, real, fake, n_mod,
+              (k_dreal, k_dfake, k_gp, k_gpx)))
       updates, critic_opt_state = critic_tx.update(grads, critic_opt_state,
                                                    critic_params)
       critic_params = optax.apply_updates(critic_params, updates)
@@ -225,8 +243,9 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
         total = total + loss_cfg.cl_rate * terms["cl"]
       rows = gen_rows(out, users, interactions)
       if adversarial == "wgan":
-        d_gen, _ = _critic_fn(config, critic_params, critic_stats, k_gen)(
-            jnp.concatenate(list(rows.values())))
+        fake_rows = jnp.concatenate(list(rows.values()))
+        d_gen, _ = _critic_head(config, critic_params, critic_stats, k_gen)(
+            critic_lib.first_layer(critic_params, fake_rows))
         terms["gen"] = losses.wgan_generator_loss(d_fake=d_gen)
         total = total + loss_cfg.g_rate * terms["gen"]
       elif adversarial == "edge_likelihood":
