@@ -62,9 +62,10 @@ def modality_graph_capacity(n_train: int, buffer_capacity: int) -> int:
 
 
 def initial_modality_graphs(base_graph: graph_lib.BipartiteGraph,
-                            modalities, capacity: int):
+                            modalities, capacity: int, n_users: int,
+                            n_items: int):
   """G^m starts as the base one-sided graph (§2.1), padded to `capacity`."""
-  padded = graph_lib.pad_graph(base_graph, capacity)
+  padded = graph_lib.pad_graph(base_graph, capacity, n_users, n_items)
   return {m: graph_lib.BipartiteGraph(*map(jnp.asarray, padded))
           for m in modalities}
 

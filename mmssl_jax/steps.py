@@ -135,7 +135,7 @@ def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
   def do_rebuild(graphs, buffer):
     capacity = next(iter(graphs.values())).n_edges
     new = {}
-    for m, g in graphs.items():
+    for m in graphs:
       u = jnp.zeros((capacity,), jnp.int32)
       i = jnp.zeros((capacity,), jnp.int32)
       n_buf = buffer.users[m].shape[0]
@@ -143,8 +143,7 @@ def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
         u = u.at[:n_buf].set(buffer.users[m])
         i = i.at[:n_buf].set(buffer.items[m])
       valid = jnp.arange(capacity) < buffer.length
-      w_u, w_i = graph_lib.one_sided_weights(u, i, valid, n_users, n_items)
-      new[m] = graph_lib.BipartiteGraph(u, i, w_u, w_i)
+      new[m] = graph_lib.sort_graph(u, i, valid, n_users, n_items)
     return new, buffer._replace(length=jnp.zeros((), jnp.int32))
 
   def do_append(graphs, buffer):
@@ -335,7 +334,8 @@ def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
   cap = buffer_capacity(config, shapes.n_items)
   graphs = state_lib.initial_modality_graphs(
       base_graph, shapes.modalities,
-      state_lib.modality_graph_capacity(shapes.n_train, cap))
+      state_lib.modality_graph_capacity(shapes.n_train, cap),
+      shapes.n_users, shapes.n_items)
   return TrainState(
       step=jnp.zeros((), jnp.int32), rng=k_rng, params=params,
       opt_state=make_optimizer(config.optim).init(params),
