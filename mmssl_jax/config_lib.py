@@ -1,11 +1,15 @@
 """Shared pieces of the config files in `configs/` (configs are code).
 
 Every file in `configs/` builds on `base_config()` and accepts a
-big_vision-style argument string, e.g. `--config=configs/tiktok.py:variant=wo_cl`
-or `configs/tiktok.py:model=lightgcn`. The ablation switches are config
-values with the names below; a variant is only a bundle of them.
+big_vision-style argument string, e.g.
+`--config=configs/tiktok.py:variant=paper,ablation=wo_cl` or
+`configs/tiktok.py:model=lightgcn`. Variants and ablations are only bundles
+of named config switches.
 
-Ablation switches (`variant=` values) and what they set:
+Variants: `reference` (the released code, the default) and `paper` (see
+`paper()`: each correction of mmssl_reference.md §8.1 is its own switch).
+
+Ablations (`ablation=` values; `variant=wo_cl` etc. is accepted too):
   full     the model as configured.
   wo_asl   loss.adversarial='none': no critic, no generator loss.
   wo_cl    loss.contrastive=False: no cross-modal contrastive loss.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
+VARIANTS = ("reference", "paper")
 ABLATIONS = ("full", "wo_asl", "wo_cl", "wo_gt", "rp_gae")
 
 
@@ -27,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   """The released code's HEAD defaults (`mmssl_reference.md` §6.1)."""
   c = ml_collections.ConfigDict()
   c.seed = 2022
-  c.variant = "full"  # one of ABLATIONS; applied by `apply_arg`.
+  c.variant = "reference"  # or 'paper' (`paper()` sets its switches)
+  c.ablation = "full"  # one of ABLATIONS (`apply_ablation` sets its switch)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "folder"  # 'folder' or 'synthetic'
@@ -51,11 +57,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.critic = ml_collections.ConfigDict()
   c.critic.kind = "dense"  # I -> I/4 -> I/8 -> 1 (§3.5)
+  c.critic.hidden = ()  # hidden widths; () = (I // 4, I // 8) as released
   c.critic.negative_slope = 1.0  # LeakyReLU(True): the identity (§3.5)
   c.critic.batch_norm = True
   c.critic.dropout = (0.31, 0.5)  # G_drop1, G_drop2
   c.critic.output_scale = 100.0  # 100 * sigmoid
   c.critic.sigmoid_output = True
+  c.critic.train_mode = True  # released: batch stats + dropout in every call
   c.critic.lr = 3e-4  # D_lr
   c.critic.b1 = 0.5
   c.critic.b2 = 0.9
@@ -74,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.real_data_tau = 0.005
   c.loss.ui_pre_scale = 100.0
   c.loss.gumbel_scale = 1e-5  # log_log_scale
+  c.loss.gumbel_log_logits = False  # True: Gumbel-softmax of log(R/|R|)
 
   c.graph_update = ml_collections.ConfigDict()
   c.graph_update.schedule = "reference"  # rebuild every T, dropping the batch
@@ -125,10 +134,48 @@ def lightgcn(c: ml_collections.ConfigDict) -> None:
   c.loss.emb_decay = 1e-4
 
 
+def paper(c: ml_collections.ConfigDict) -> None:
+  """The paper variant: each correction of §8.1 as its own switch.
+
+  Provisional defaults for the Gumbel temperature and the model-score mixing
+  (`loss.real_data_tau`, `loss.ui_pre_scale`) are not yet chosen by a
+  validation sweep.
+  """
+  c.variant = "paper"
+  c.model.fusion = "attention"  # real cross-modal attention (§8.1 item 3)
+  c.graph_update.schedule = "persistent"  # per-user top-k graphs (items 1, 2)
+  c.critic.negative_slope = 0.2  # a real nonlinearity (item 4)
+  c.critic.batch_norm = False
+  c.critic.sigmoid_output = False  # unbounded WGAN critic
+  c.critic.train_mode = False  # no dropout, no batch statistics
+  c.critic.dropout = (0.0, 0.0)
+  c.loss.gumbel_log_logits = True  # a real Gumbel-softmax sample (item 5)
+  c.loss.gumbel_scale = 1.0
+  c.loss.real_data_tau = 0.5
+  c.loss.ui_pre_scale = 1.0
+
+
+def apply_ablation(c: ml_collections.ConfigDict, name: str) -> None:
+  """Sets the switch of one ablation of the paper's Table (§7.2)."""
+  if name not in ABLATIONS:
+    raise ValueError(f"ablation={name!r}: expected one of {ABLATIONS}")
+  c.ablation = name
+  if name == "wo_asl":
+    c.loss.adversarial = "none"
+  elif name == "wo_cl":
+    c.loss.contrastive = False
+  elif name == "wo_gt":
+    c.loss.gumbel_transform = False
+  elif name == "rp_gae":
+    c.loss.adversarial = "edge_likelihood"
+
+
 def apply_arg(c: ml_collections.ConfigDict, arg: str | None):
   """Applies a `key=value,key=value` config argument.
 
-  Keys: `variant` (one of ABLATIONS) and `model` ('mmssl' or 'lightgcn').
+  Keys: `variant` ('reference' or 'paper'; an ablation name is accepted as a
+  shorthand for `ablation=`), `ablation` (one of ABLATIONS) and `model`
+  ('mmssl' or 'lightgcn').
   """
   if not arg:
     return c
@@ -136,18 +183,11 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None):
     key, sep, value = item.partition("=")
     if not sep:
       raise ValueError(f"config argument {item!r} is not key=value")
-    if key == "variant":
-      if value not in ABLATIONS:
-        raise ValueError(f"variant={value!r}: expected one of {ABLATIONS}")
-      c.variant = value
-      if value == "wo_asl":
-        c.loss.adversarial = "none"
-      elif value == "wo_cl":
-        c.loss.contrastive = False
-      elif value == "wo_gt":
-        c.loss.gumbel_transform = False
-      elif value == "rp_gae":
-        c.loss.adversarial = "edge_likelihood"
+    if key == "variant" and value in VARIANTS:
+      if value == "paper":
+        paper(c)
+    elif key in ("variant", "ablation"):
+      apply_ablation(c, value)
     elif key == "model":
       if value == "lightgcn":
         lightgcn(c)
@@ -155,5 +195,5 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None):
         raise ValueError(f"model={value!r}: expected 'mmssl' or 'lightgcn'")
     else:
       raise ValueError(f"unknown config argument key {key!r} "
-                       "(expected variant= or model=)")
+                       "(expected variant=, ablation= or model=)")
   return c

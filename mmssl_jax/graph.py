@@ -141,6 +141,32 @@ def sort_graph(users, items, valid, n_users: int,
                   n_items)
 
 
+def topk_table_graph(table: jax.Array, refreshed: jax.Array, n_items: int,
+                     capacity: int) -> BipartiteGraph:
+  """The modality graph of per-user top-k tables (paper variant), jit-able.
+
+  Edges (u, table[u, j]) for every refreshed user u, binary, with symmetric
+  weights 1/sqrt(d_u d_i) in both directions (LightGCN's normalisation).
+  We use the symmetric form, not the released one-sided one, because items
+  collect edges from every user whose top-k contains them: with the
+  one-sided 1/sqrt(d_i) a popular item's message grows like sqrt(d_i),
+  while the symmetric form keeps the operator's spectral norm at most 1.
+  The graph is padded with zero-weight edges to `capacity`.
+  """
+  n_users, k = table.shape
+  users = jnp.repeat(jnp.arange(n_users, dtype=jnp.int32), k)
+  items = table.reshape(-1).astype(jnp.int32)
+  valid = jnp.repeat(refreshed, k)
+  pad = capacity - n_users * k
+  users = jnp.pad(users, (0, pad), constant_values=n_users - 1)
+  items = jnp.pad(items, (0, pad), constant_values=n_items - 1)
+  valid = jnp.pad(valid, (0, pad))
+  to_user, to_item = one_sided_weights(users, items, valid, n_users, n_items)
+  weight = to_user * to_item
+  return with_csr(BipartiteGraph(users, items, weight, weight), n_users,
+                  n_items)
+
+
 def pad_graph(graph: BipartiteGraph, capacity: int, n_users: int,
               n_items: int) -> BipartiteGraph:
   """Pads a numpy graph to `capacity` edges with zero-weight edges.

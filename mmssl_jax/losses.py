@@ -112,7 +112,8 @@ def feature_l2(*, user_feats: Sequence[chex.Array],
 def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
                      model_rows: chex.Array, gumbel_scale: float, tau: float,
                      ui_pre_scale: float,
-                     use_gumbel: bool = True) -> chex.Array:
+                     use_gumbel: bool = True,
+                     log_logits: bool = False) -> chex.Array:
   """The critic's "real" rows, section 3.5 (Gumbel transform + augmentation).
 
   With use_gumbel (the reference):
@@ -141,6 +142,12 @@ def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
     tau: tau_r (`real_data_tau`).
     ui_pre_scale: kappa (`ui_pre_scale`, 100 in the reference).
     use_gumbel: False for the `wo_gt` ablation.
+    log_logits: the paper variant's fix. The reference feeds the 0/1 row R as
+      logits, so a Gumbel sample barely moves it; with log_logits the logits
+      are log(R / |R|_1 + 1e-8), the log-probabilities of the user's observed
+      items, and softmax((log p + s_g * g) / tau) with s_g = 1 is a
+      Gumbel-softmax sample of one observed item (a soft one-hot for small
+      tau, the uniform R / |R|_1 for large tau).
 
   Returns:
     (B, I) float rows of unit L2 norm.
@@ -151,7 +158,11 @@ def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
   if use_gumbel:
     xi = jax.random.uniform(key, interactions.shape, model_rows.dtype)
     gumbel = -jnp.log(-jnp.log(xi + _LOG_EPS) + _LOG_EPS)
-    observed = jax.nn.softmax((interactions + gumbel_scale * gumbel) / tau,
+    logits = interactions
+    if log_logits:
+      counts = jnp.sum(interactions, axis=-1, keepdims=True)
+      logits = jnp.log(interactions / jnp.maximum(counts, 1.0) + _LOG_EPS)
+    observed = jax.nn.softmax((logits + gumbel_scale * gumbel) / tau,
                               axis=-1)
   else:
     counts = jnp.sum(interactions, axis=-1, keepdims=True)

@@ -93,8 +93,16 @@ def init_params(key, *, n_users: int, n_items: int,
   """
   keys = jax.random.split(key, 2 + 2 * len(modality_dims))
   params = init_embeddings(keys[0], n_users, n_items, hp.embed_size)
-  params["w_self_attention_cat"] = _xavier_uniform(
-      keys[1], (hp.head_num * hp.embed_size, hp.embed_size))
+  if hp.fusion == "mean_wsum":
+    params["w_self_attention_cat"] = _xavier_uniform(
+        keys[1], (hp.head_num * hp.embed_size, hp.embed_size))
+  elif hp.fusion == "attention":
+    params["attention"] = {
+        name: _xavier_uniform(k, (hp.embed_size, hp.embed_size))
+        for name, k in zip(("w_q", "w_k", "w_v", "w_o"),
+                           jax.random.split(keys[1], 4))}
+  else:
+    raise ValueError(f"unknown model.fusion {hp.fusion!r}")
   proj = {}
   for n, (m, dim) in enumerate(modality_dims.items()):
     bound = 1.0 / dim ** 0.5
@@ -114,18 +122,55 @@ def _dropout(key, x, rate: float, train: bool):
   return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+def cross_modal_attention(attention: Params, views: Array, head_num: int
+                          ) -> tuple[Array, Array]:
+  """Multi-head self-attention across the modality views of each node.
+
+  What the paper's Fig. 2 describes and the released code does not compute
+  (§2.4, §8.1 item 3): for every node the M views attend to each other,
+  softmax(Q K^T / sqrt(d / H)) over the key modality, with queries, keys and
+  values from their own projections; heads are concatenated and projected
+  by W_o.
+
+  Args:
+    attention: {'w_q', 'w_k', 'w_v', 'w_o'}, each (d, d).
+    views: (N, M, d) modality views.
+    head_num: H, dividing d.
+
+  Returns:
+    (outputs (N, M, d), attention weights (N, H, M, M) summing to one over
+    the last axis).
+  """
+  n, m, d = views.shape
+  dh = d // head_num
+  split = lambda x: x.reshape(n, m, head_num, dh)
+  q = split(views @ attention["w_q"])
+  k = split(views @ attention["w_k"])
+  v = split(views @ attention["w_v"])
+  logits = jnp.einsum("nihc,njhc->nhij", q, k) / jnp.sqrt(dh)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("nhij,njhc->nihc", weights, v).reshape(n, m, d)
+  return out @ attention["w_o"], weights
+
+
 def fuse_modalities(params: Params, views: list[Array],
                     hp: ModelHParams) -> Array:
   """Cross-modal fusion of the modality ID views (§2.3 d, §2.4).
 
-  'mean_wsum': the released "multi-head self-attention" reduces exactly to
-  mean_m(E^m) @ W_sum, W_sum the sum of the H row blocks of W_cat (§2.4).
+  'mean_wsum' (reference): the released "multi-head self-attention" reduces
+  exactly to mean_m(E^m) @ W_sum, W_sum the sum of the H row blocks of W_cat
+  (§2.4). 'attention' (paper): `cross_modal_attention`, then the mean over
+  modalities.
   """
-  if hp.fusion != "mean_wsum":
-    raise ValueError(f"unknown model.fusion {hp.fusion!r}")
-  w_cat = params["w_self_attention_cat"]
-  w_sum = w_cat.reshape(hp.head_num, hp.embed_size, hp.embed_size).sum(0)
-  return jnp.mean(jnp.stack(views), 0) @ w_sum
+  if hp.fusion == "mean_wsum":
+    w_cat = params["w_self_attention_cat"]
+    w_sum = w_cat.reshape(hp.head_num, hp.embed_size, hp.embed_size).sum(0)
+    return jnp.mean(jnp.stack(views), 0) @ w_sum
+  if hp.fusion == "attention":
+    out, _ = cross_modal_attention(params["attention"],
+                                   jnp.stack(views, axis=1), hp.head_num)
+    return jnp.mean(out, axis=1)
+  raise ValueError(f"unknown model.fusion {hp.fusion!r}")
 
 
 def forward(params: Params, base_graph: graph_lib.BipartiteGraph,

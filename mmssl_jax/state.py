@@ -30,6 +30,17 @@ class GraphBuffer(NamedTuple):
   length: jax.Array
 
 
+class TopkTable(NamedTuple):
+  """Persistent per-user modality graphs (the 'persistent' schedule).
+
+  items: modality -> (n_users, k) int32, the top-k items of each user's
+    latest generated row; refreshed: (n_users,) bool, rows written so far.
+  """
+
+  items: dict[str, jax.Array]
+  refreshed: jax.Array
+
+
 class TrainState(NamedTuple):
   step: jax.Array
   rng: jax.Array
@@ -39,7 +50,7 @@ class TrainState(NamedTuple):
   critic_opt_state: Any
   critic_stats: Any
   modality_graphs: dict[str, graph_lib.BipartiteGraph]
-  graph_buffer: GraphBuffer | None
+  graph_buffer: GraphBuffer | TopkTable | None
 
 
 class StepInputs(NamedTuple):
@@ -75,6 +86,11 @@ def empty_buffer(modalities, capacity: int) -> GraphBuffer:
   return GraphBuffer({m: zeros() for m in modalities},
                      {m: zeros() for m in modalities},
                      jnp.zeros((), jnp.int32))
+
+
+def empty_table(modalities, n_users: int, k: int) -> TopkTable:
+  return TopkTable({m: jnp.zeros((n_users, k), jnp.int32) for m in modalities},
+                   jnp.zeros((n_users,), bool))
 
 
 def count_params(tree) -> int:

@@ -74,7 +74,7 @@ def _critic_head(config, params, stats, key):
       params, stats, h, key=key, negative_slope=c.negative_slope,
       batch_norm=c.batch_norm, dropout=tuple(c.dropout),
       output_scale=c.output_scale, sigmoid_output=c.sigmoid_output,
-      train=True)
+      train=c.train_mode)
 
 
 def critic_loss(critic_params, config, critic_stats, real_rows, fake_rows,
@@ -160,6 +160,32 @@ def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
   return jax.lax.cond(rebuild, do_rebuild, do_append, graphs, buffer)
 
 
+def persistent_graph_update(graphs, table: state_lib.TopkTable, gen_rows,
+                            users, step, *, k: int, period: int,
+                            n_items: int):
+  """The paper's modality-aware graphs, kept per user (issue: paper variant).
+
+  Every step writes each batch user's top-k items of its generated row (per
+  user, no pairing scramble) into a persistent (n_users, k) table; every T
+  steps, counting the current one, the graphs are rebuilt from the whole
+  table (`graph.topk_table_graph`). Training positives score 0 in the
+  masked rows, so they enter only when fewer than k items score above 0.
+  """
+  items = {m: table.items[m].at[users].set(
+      jax.lax.top_k(rows, k)[1].astype(jnp.int32))
+           for m, rows in gen_rows.items()}
+  table = state_lib.TopkTable(items, table.refreshed.at[users].set(True))
+
+  def rebuild(graphs):
+    capacity = next(iter(graphs.values())).n_edges
+    return {m: graph_lib.topk_table_graph(items[m], table.refreshed, n_items,
+                                          capacity) for m in graphs}
+
+  graphs = jax.lax.cond((step + 1) % period == 0, rebuild, lambda g: g,
+                        graphs)
+  return graphs, table
+
+
 def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
                     ) -> Callable:
   """Returns jitted `step(state, batch_idx, inputs) -> (state, metrics)`."""
@@ -175,8 +201,12 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
   adversarial = loss_cfg.adversarial
   if adversarial not in ("wgan", "none", "edge_likelihood"):
     raise ValueError(f"unknown loss.adversarial {adversarial!r}")
-  if gu.schedule != "reference":
+  if gu.schedule not in ("reference", "persistent"):
     raise ValueError(f"unknown graph_update.schedule {gu.schedule!r}")
+  if gu.schedule == "persistent" and k < 1:
+    raise ValueError(
+        f"graph_update.schedule='persistent' needs k >= 1, but "
+        f"m_topk_rate={gu.m_topk_rate} gives k = 0 on {n_items} items")
 
   def gen_rows(out, users, interactions):
     return {m: graph_lib.generated_rows(out.feat_user[m][users],
@@ -209,7 +239,8 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
           key=k_gumbel, interactions=interactions, model_rows=model_rows,
           gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
           ui_pre_scale=loss_cfg.ui_pre_scale,
-          use_gumbel=loss_cfg.gumbel_transform)
+          use_gumbel=loss_cfg.gumbel_transform,
+          log_logits=loss_cfg.gumbel_log_logits)
       real = jax.lax.stop_gradient(real)
       (d_loss, (critic_stats, d_real, d_fake, gp)), grads = (
           jax.value_and_grad(critic_loss, has_aux=True)(
@@ -262,10 +293,15 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
     params = optax.apply_updates(state.params, updates)
     metrics.update(terms)
 
-    graphs, buffer = reference_graph_update(
-        state.modality_graphs, state.graph_buffer, rows, users, batch_idx,
-        k=k, period=gu.T, pairing=gu.pairing, n_users=n_users,
-        n_items=n_items)
+    if gu.schedule == "reference":
+      graphs, buffer = reference_graph_update(
+          state.modality_graphs, state.graph_buffer, rows, users, batch_idx,
+          k=k, period=gu.T, pairing=gu.pairing, n_users=n_users,
+          n_items=n_items)
+    else:
+      graphs, buffer = persistent_graph_update(
+          state.modality_graphs, state.graph_buffer, rows, users, state.step,
+          k=k, period=gu.T, n_items=n_items)
     new_state = TrainState(
         step=state.step + 1, rng=rng, params=params, opt_state=opt_state,
         critic_params=critic_params, critic_opt_state=critic_opt_state,
@@ -328,10 +364,17 @@ def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
   critic_params = critic_opt_state = critic_stats = None
   if config.loss.adversarial == "wgan":
     critic_params = critic_lib.init_dense_critic(
-        k_critic, shapes.n_items, batch_norm=config.critic.batch_norm)
+        k_critic, shapes.n_items, hidden=tuple(config.critic.hidden) or None,
+        batch_norm=config.critic.batch_norm)
     critic_stats = critic_lib.init_critic_batch_stats(critic_params)
     critic_opt_state = make_critic_optimizer(config.critic).init(critic_params)
-  cap = buffer_capacity(config, shapes.n_items)
+  if config.graph_update.schedule == "persistent":
+    k = topk_k(config, shapes.n_items)
+    cap = shapes.n_users * k
+    buffer = state_lib.empty_table(shapes.modalities, shapes.n_users, k)
+  else:
+    cap = buffer_capacity(config, shapes.n_items)
+    buffer = state_lib.empty_buffer(shapes.modalities, cap)
   graphs = state_lib.initial_modality_graphs(
       base_graph, shapes.modalities,
       state_lib.modality_graph_capacity(shapes.n_train, cap),
@@ -341,4 +384,4 @@ def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
       opt_state=make_optimizer(config.optim).init(params),
       critic_params=critic_params, critic_opt_state=critic_opt_state,
       critic_stats=critic_stats, modality_graphs=graphs,
-      graph_buffer=state_lib.empty_buffer(shapes.modalities, cap))
+      graph_buffer=buffer)
