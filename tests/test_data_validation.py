@@ -401,3 +401,16 @@ def test_validate_dataset_accepts_good_data():
 def test_validate_dataset_errors(overrides: dict, phrase: str):
   expect_error(lambda: validate_dataset(make_dataset(**overrides), "synthetic"),
                "synthetic", phrase)
+
+
+def test_user_with_every_item_in_train_is_rejected(tmp_path):
+  """BPR could not sample a negative for such a user (the released sampler
+  would loop forever)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from mmssl_jax.data import formats  # pylint: disable=g-import-not-at-top
+  from mmssl_jax.data.dataset import DataError  # pylint: disable=g-import-not-at-top
+  (tmp_path / "train.json").write_text(json.dumps({"0": [0, 1, 2], "1": [0]}))
+  (tmp_path / "val.json").write_text(json.dumps({"1": [1]}))
+  (tmp_path / "test.json").write_text(json.dumps({"1": [2]}))
+  with pytest.raises(DataError, match="user 0 has all 3 items in train"):
+    formats.load_folder(tmp_path)

@@ -128,6 +128,7 @@ def clean_splits(splits: Sequence[Split], sources: Sequence[str],
     if unique.size == 0:
       raise error(source, f"empty {name} split (no interactions)")
     keys.append(unique)
+  check_negatives_exist(keys[0] // n_items, n_items, sources[0])
   out = [keys[0]]
   for k, source, name in zip(keys[1:], sources[1:], names[1:]):
     seen = np.isin(k, keys[0], assume_unique=True)
@@ -145,6 +146,16 @@ def clean_splits(splits: Sequence[Split], sources: Sequence[str],
       k = k[~seen]
     out.append(k)
   return tuple(Split(k // n_items, k % n_items) for k in out)
+
+
+def check_negatives_exist(train_users: np.ndarray, n_items: int,
+                          source: PathLike) -> None:
+  """BPR needs an item outside each user's train items (§4.2)."""
+  degrees = np.bincount(train_users)
+  full = np.flatnonzero(degrees >= n_items)
+  if full.size:
+    raise error(source, f"user {int(full[0])} has all {n_items} items in "
+                "train, so no negative item can be sampled")
 
 
 def validate_dataset(ds: Dataset, source: str) -> None:
@@ -168,6 +179,7 @@ def validate_dataset(ds: Dataset, source: str) -> None:
               limit=ds.n_items)
   if len(ds.train) == 0:
     raise error(source, "empty train split (no interactions)")
+  check_negatives_exist(ds.train.users, ds.n_items, source)
   for m, feat in ds.modalities.items():
     where = f"{source} (modality {m})"
     if not isinstance(feat, np.ndarray) or feat.dtype != np.float32:
