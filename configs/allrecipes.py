@@ -6,7 +6,8 @@ r"""MMSSL on Allrecipes with the authors' Allrecipes settings (§6.2).
 Allrecipes is not in ../shared/data (the authors removed it from their drive).
 
 Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/allrecipes.py:variant=wo_asl|wo_cl|wo_gt|rp_gae`;
+Ablations: `configs/allrecipes.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`configs/allrecipes.py:variant=paper`;
 LightGCN baseline: `configs/allrecipes.py:model=lightgcn`.
 """
 

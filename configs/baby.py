@@ -7,7 +7,8 @@ Baby's m_topk_rate 1e-4 gives k = 0: regenerated modality graphs are empty (§4.
 The shared folder has no features; supply image_feat.npy/text_feat.npy.
 
 Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/baby.py:variant=wo_asl|wo_cl|wo_gt|rp_gae`;
+Ablations: `configs/baby.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`configs/baby.py:variant=paper`;
 LightGCN baseline: `configs/baby.py:model=lightgcn`.
 """
 

@@ -6,7 +6,8 @@ r"""MMSSL on Amazon-Clothing with the HEAD defaults (no author settings exist).
 Clothing is listed in the released parser help only; no settings were published.
 
 Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/clothing.py:variant=wo_asl|wo_cl|wo_gt|rp_gae`;
+Ablations: `configs/clothing.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`configs/clothing.py:variant=paper`;
 LightGCN baseline: `configs/clothing.py:model=lightgcn`.
 """
 

@@ -3,7 +3,8 @@ r"""MMSSL (reference variant) on the embedded synthetic multi-modal dataset.
   python -m mmssl_jax.main --config=configs/default.py --workdir=/tmp/mmssl_default
 
 Needs no downloads: the data is generated in memory from a seed
-(`mmssl_jax/data/synthetic.py`). Ablations: `configs/default.py:variant=wo_cl`,
+(`mmssl_jax/data/synthetic.py`). Ablations: `configs/default.py:ablation=wo_cl`, the paper variant:
+`configs/default.py:variant=paper`,
 the LightGCN baseline: `configs/default.py:model=lightgcn`.
 """
 

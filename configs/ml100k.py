@@ -7,7 +7,8 @@ The released code was measured on this data with the Baby settings (anchors.md);
 batch 1024 > 943 users, so batches are drawn with replacement (§4.2).
 
 Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/ml100k.py:variant=wo_asl|wo_cl|wo_gt|rp_gae`;
+Ablations: `configs/ml100k.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`configs/ml100k.py:variant=paper`;
 LightGCN baseline: `configs/ml100k.py:model=lightgcn`.
 """
 

@@ -6,7 +6,8 @@ r"""MMSSL on Amazon-Sports with the authors' Sports settings (§6.2).
 The shared folder has no features; supply image_feat.npy/text_feat.npy.
 
 Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/sports.py:variant=wo_asl|wo_cl|wo_gt|rp_gae`;
+Ablations: `configs/sports.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`configs/sports.py:variant=paper`;
 LightGCN baseline: `configs/sports.py:model=lightgcn`.
 """
 

@@ -7,7 +7,8 @@ The shared TikTok folder has image and audio features (text is missing);
 both are used (every *_feat.npy, sorted: audio, image).
 
 Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/tiktok.py:variant=wo_asl|wo_cl|wo_gt|rp_gae`;
+Ablations: `configs/tiktok.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`configs/tiktok.py:variant=paper`;
 LightGCN baseline: `configs/tiktok.py:model=lightgcn`.
 """
 
