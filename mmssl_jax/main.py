@@ -4,11 +4,29 @@ r"""Train and evaluate MMSSL (or the LightGCN baseline) from a config file.
   python -m mmssl_jax.main --config=configs/tiktok.py:variant=wo_cl \
       --config.data.dir=../shared/data/tiktok --workdir=/tmp/tiktok_wo_cl
 
-Kept short on purpose: the logic lives in `mmssl_jax.train`. Problems with the
-input data or the workdir are printed as one line (`error: ...`) and the
-process exits with status 1 without a traceback.
+Kept short on purpose: the logic lives in `mmssl_jax.train` and
+`mmssl_jax.checkpointing`.
+
+Re-running the same command with the same --workdir resumes from the latest
+checkpoint (bit-identical on CPU); a workdir holding a complete run prints
+its stored result and exits 0 without training again.
+
+Exit status and messages (one line `error: ...` on stderr, no traceback):
+  0    trained to the end (or the workdir already held the complete run).
+  1    bad input data (DataError, naming the file), a config that cannot run,
+       a workdir holding a different run (the differing config fields are
+       listed), a non-finite loss (NaN guard: the term and the step), or an
+       OS error such as an unwritable workdir.
+  143  stopped by SIGTERM (130: SIGINT) after saving a checkpoint at the next
+       step boundary; run the same command again to resume.
+
+`--config.train.deterministic=True` adds `--xla_gpu_deterministic_ops=true`
+to XLA_FLAGS before JAX initialises its backend, which makes GPU scatter-adds
+(and so whole runs) reproducible at some speed cost; CPU runs are
+deterministic without it (see `mmssl_jax.checkpointing`).
 """
 
+import os
 import sys
 
 from absl import app
@@ -16,6 +34,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mmssl_jax import checkpointing
 from mmssl_jax import train
 from mmssl_jax.data import DataError
 
@@ -27,16 +46,53 @@ config_flags.DEFINE_config_file(
     "(configs/tiktok.py:variant=wo_cl).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+# One-line `error: ...` and exit status 1 for these (never a traceback).
+USER_ERRORS = (DataError, train.ConfigError, checkpointing.ConfigMismatchError,
+               FloatingPointError, OSError)
+
+
+def set_deterministic_xla_flags(environ=os.environ) -> bool:
+  """Adds DETERMINISTIC_XLA_FLAG to XLA_FLAGS; True if the flag can work.
+
+  XLA reads XLA_FLAGS once, when JAX initialises its backend (the first
+  computation), so this must run before any JAX computation.
+  """
+  current = environ.get("XLA_FLAGS", "")
+  if "xla_gpu_deterministic_ops" not in current:
+    environ["XLA_FLAGS"] = f"{current} {DETERMINISTIC_XLA_FLAG}".strip()
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return not xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):
+    return True
+
+
+def _fail(message: str, status: int) -> None:
+  print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
+  sys.exit(status)
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
+  config = FLAGS.config
+  if config.train.get("deterministic", False):
+    if not set_deterministic_xla_flags():
+      logging.warning("JAX was initialised before XLA_FLAGS was set: "
+                      "train.deterministic has no effect")
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (DataError, FileExistsError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    train.train_and_evaluate(config, FLAGS.workdir)
+  except checkpointing.Preempted as e:
+    _fail(str(e), e.exit_code)
+  except USER_ERRORS as e:
+    _fail(str(e), 1)
+  except KeyboardInterrupt:
+    # SIGINT before the training loop, or a second one during a save.
+    _fail("interrupted (SIGINT) away from a step boundary: nothing new was "
+          "saved; run the same command again to resume from the last "
+          "checkpoint, if any", 130)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,34 @@
 """`train_and_evaluate(config, workdir)`: data, state, loop, evaluation, early stop.
 
-Data is loaded and validated before anything is written to `workdir`, so bad
-input leaves the workdir untouched. Validation runs every
-`eval.every_epochs`; the test split is evaluated whenever validation
-`eval.metric` improves, and the reported result is the test metrics at the best
-validation epoch (`mmssl_reference.md` §4.6). Training stops after
-`eval.patience` further non-improving evaluations.
+Data is loaded and validated, and the workdir inspected, before anything is
+written to `workdir`, so bad input leaves the workdir untouched. Validation
+runs every `eval.every_epochs`; the test split is evaluated whenever
+validation `eval.metric` improves, and the reported result is the test
+metrics at the best validation epoch (`mmssl_reference.md` §4.6). Training
+stops after `eval.patience` further non-improving evaluations.
+
+Reliability (`mmssl_jax.checkpointing` has the details and the notes on
+determinism):
+
+* A checkpoint is saved at the end of every epoch (after evaluation) and at
+  the step boundary where SIGTERM/SIGINT arrives; re-running the same command
+  on the same workdir resumes exactly (bit-identical on CPU). A preempted run
+  raises `checkpointing.Preempted` (the CLI exits 128 + signal number).
+* NaN guard: every `train.nan_check_every_steps` steps (default 1) the loss
+  terms of the steps since the last check are tested with one fused
+  `isfinite` reduction per step; the first non-finite term stops training
+  with FloatingPointError naming the term and its global step. No
+  checkpoint is ever written from a state with NaN/inf, so the last
+  checkpoint on disk is the last good one.
+* A workdir holding another run is never overwritten: a different config
+  raises `checkpointing.ConfigMismatchError` listing the fields, epoch records
+  without checkpoints raise FileExistsError, and a complete run (final record
+  in metrics.jsonl) is not trained again: its stored final result is returned.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import time
 from typing import Any
@@ -21,18 +39,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmssl_jax import checkpointing
 from mmssl_jax import evaluation
 from mmssl_jax import graph as graph_lib
 from mmssl_jax import model as model_lib
 from mmssl_jax import state as state_lib
 from mmssl_jax import steps
+from mmssl_jax.checkpointing import CheckpointMeta
 from mmssl_jax.data import DataError, Dataset
 from mmssl_jax.data import formats
 from mmssl_jax.data import sampler as sampler_lib
 from mmssl_jax.data import synthetic
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
+METRICS_FILE = checkpointing.METRICS_FILE
+CONFIG_FILE = checkpointing.CONFIG_FILE
+CHECKPOINT_DIR = checkpointing.CHECKPOINT_DIR
+
+
+class ConfigError(ValueError):
+  """A config that cannot run (with this dataset); a one-line message."""
 
 
 def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
@@ -40,7 +65,8 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
   if data_config.source == "synthetic":
     return synthetic.make_synthetic(data_config.synthetic)
   if data_config.source != "folder":
-    raise ValueError(f"unknown data.source {data_config.source!r}")
+    raise ConfigError(f"unknown data.source {data_config.source!r} (expected "
+                      "'folder' or 'synthetic')")
   if not data_config.dir:
     raise DataError(
         "config.data.dir is not set: pass --config.data.dir=PATH, a folder "
@@ -56,16 +82,31 @@ def check_config(config: ml_collections.ConfigDict, ds: Dataset) -> None:
         f"{ds.name}: MMSSL needs at least one modality but the dataset has no "
         "<modality>_feat.npy files (use model=lightgcn, or add features)")
   if config.model.name not in ("mmssl", "lightgcn"):
-    raise ValueError(f"unknown model.name {config.model.name!r}")
+    raise ConfigError(f"unknown model.name {config.model.name!r}")
   if max(config.eval.ks) > ds.n_items:
-    raise ValueError(f"eval.ks {tuple(config.eval.ks)} exceed n_items "
-                     f"{ds.n_items}")
+    raise ConfigError(f"eval.ks {tuple(config.eval.ks)} exceed the "
+                      f"{ds.n_items} items of dataset {ds.name}")
   steps_per_epoch = len(ds.train) // config.train.batch_size + 1
   if (config.model.name == "mmssl"
       and steps_per_epoch <= config.graph_update.T):
-    raise ValueError(
+    raise ConfigError(
         f"graph_update.T={config.graph_update.T} must be smaller than the "
-        f"{steps_per_epoch} batches of an epoch")
+        f"{steps_per_epoch} batches of an epoch of dataset {ds.name}")
+  for name, low in (("checkpoint_keep", 1), ("nan_check_every_steps", 1)):
+    value = config.train.get(name, low)
+    if int(value) < low:
+      raise ConfigError(f"train.{name} must be >= {low}, got {value}")
+
+
+@functools.partial(jax.jit, static_argnames=("is_mmssl", "hp", "layers"))
+def _final_embeddings(state: state_lib.TrainState, inputs, *, is_mmssl: bool,
+                      hp: model_lib.ModelHParams, layers: int):
+  if not is_mmssl:
+    return model_lib.lightgcn_forward(state.params, inputs.graph, layers)
+  out = model_lib.forward(state.params, inputs.graph, inputs.features,
+                          state.modality_graphs, key=state.rng, train=False,
+                          hp=hp)
+  return out.user, out.item
 
 
 class Run:
@@ -96,18 +137,10 @@ class Run:
     self.test_set = evaluation.build_eval_set(
         target=ds.test, exclude=test_exclude, n_users=ds.n_users,
         n_items=ds.n_items, block_users=block)
-    hp = model_lib.ModelHParams.from_config(config.model)
-    layers = config.model.lightgcn_layers
-
-    def final_embeddings(state: state_lib.TrainState, inputs):
-      if not self.is_mmssl:
-        return model_lib.lightgcn_forward(state.params, inputs.graph, layers)
-      out = model_lib.forward(state.params, inputs.graph, inputs.features,
-                              state.modality_graphs, key=state.rng,
-                              train=False, hp=hp)
-      return out.user, out.item
-
-    self._final_embeddings = jax.jit(final_embeddings)
+    self._embedding_args = dict(
+        is_mmssl=self.is_mmssl,
+        hp=model_lib.ModelHParams.from_config(config.model),
+        layers=int(config.model.lightgcn_layers))
 
   def init_state(self) -> state_lib.TrainState:
     return steps.init_state(self.config, self.shapes, self.graph_np,
@@ -116,7 +149,7 @@ class Run:
 
   def final_embeddings(self, state):
     """Final user and item representations in eval mode (no dropout)."""
-    return self._final_embeddings(state, self.inputs)
+    return _final_embeddings(state, self.inputs, **self._embedding_args)
 
   def evaluate(self, state, split: str) -> dict[str, float]:
     user, item = self.final_embeddings(state)
@@ -129,9 +162,18 @@ class Run:
     for idx in range(self.steps_per_epoch):
       state, terms = self.step(state, jnp.int32(idx), self.inputs)
       history.append(terms)
-    history = jax.device_get(history)
-    means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-    return state, means
+    return state, _epoch_means(jax.device_get(history))
+
+
+def _epoch_means(history) -> dict[str, float]:
+  """Mean of each loss term over an epoch's steps (float32, as logged)."""
+  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+@jax.jit
+def _terms_finite(terms):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
+                            for v in jax.tree.leaves(terms)]))
 
 
 def _format_metrics(prefix: str, metrics: dict[str, float], keys) -> str:
@@ -139,26 +181,68 @@ def _format_metrics(prefix: str, metrics: dict[str, float], keys) -> str:
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates `workdir` and writes config.json; refuses to overwrite a run."""
-  metrics_path = os.path.join(workdir, METRICS_FILE)
-  if os.path.exists(metrics_path):
+  """Creates `workdir` and writes config.json; refuses to overwrite a run.
+
+  `train_and_evaluate` decides with `checkpointing.inspect_workdir` whether to
+  start, resume or stop; this is the start: it raises FileExistsError if
+  the workdir holds epoch records or checkpoints.
+  """
+  if (checkpointing.read_records(os.path.join(workdir, METRICS_FILE))
+      or checkpointing.checkpoint_steps(workdir)):
     raise FileExistsError(
-        f"{metrics_path} exists: workdir holds an earlier run; choose a new "
-        "--workdir")
+        f"{os.path.join(workdir, METRICS_FILE)} exists: workdir holds an "
+        "earlier run; choose a new --workdir")
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  checkpointing.write_records(os.path.join(workdir, METRICS_FILE), [])
+
+
+def _no_best() -> dict[str, Any]:
+  return {"epoch": -1, "step": None, "score": None, "val": None, "test": None}
+
+
+def _final_result(meta: CheckpointMeta) -> dict[str, Any]:
+  best = meta.best
+  return {"final": True, "best_epoch": best["epoch"], "epochs": meta.epoch,
+          "test": best["test"], "val": best["val"]}
+
+
+def _log_final(result: dict[str, Any]) -> None:
+  if result.get("test") is not None:
+    logging.info("best validation epoch %d: test %s", result["best_epoch"],
+                 _format_metrics("", result["test"],
+                                 ("recall@20", "precision@20", "ndcg@20",
+                                  "ndcg_mmssl@20")))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains with early stopping; returns the test metrics at best validation.
 
+  Resumes from `workdir`'s latest checkpoint when it holds an unfinished run
+  of the same config; returns the stored result of a complete run.
+
   Returns a dict with `best_epoch`, `epochs`, `test` (metrics dict at the best
   validation epoch) and `val` (best validation metrics).
+
+  Raises:
+    DataError, ConfigError: bad input data or config (nothing written).
+    checkpointing.ConfigMismatchError, FileExistsError: the workdir holds a
+      different run (nothing written).
+    FloatingPointError: a non-finite loss term or state (NaN guard).
+    checkpointing.Preempted: SIGTERM/SIGINT; a checkpoint was saved.
   """
   ds = load_dataset(config.data)
   check_config(config, ds)
+  status = checkpointing.inspect_workdir(workdir, config)
+  if status.kind == "complete":
+    logging.info("%s holds a complete run (%d epochs); not training again. "
+                 "Stored result:", workdir, status.final.get("epochs", -1))
+    _log_final(status.final)
+    return status.final
+  for field, old, new in status.changed:
+    logging.info("config field %s changed from %r to %r", field, old, new)
   logging.info("%s", ds.summary())
   run = Run(config, ds)
   state = run.init_state()
@@ -168,56 +252,129 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                (f", {state_lib.count_params(state.critic_params)} critic "
                 "parameters" if state.critic_params is not None else ""),
                run.steps_per_epoch)
-  prepare_workdir(workdir, config)
-  metric = config.eval.metric
-  best = {"epoch": -1, "val": None, "test": None, "score": -np.inf}
-  bad_evals = 0
-  show = ("recall@20", "ndcg@20", "ndcg_mmssl@20")
-  with open(os.path.join(workdir, METRICS_FILE), "a") as log_file:
-    epoch = 0
-    for epoch in range(config.train.epochs):
-      t0 = time.time()
-      state, terms = run.train_epoch(state)
-      train_s = time.time() - t0
-      bad = [k for k, v in terms.items() if not np.isfinite(v)]
-      if bad:
-        raise FloatingPointError(
-            f"non-finite loss term(s) {', '.join(bad)} in epoch {epoch} "
-            f"(step {int(state.step)})")
-      record = {"epoch": epoch, "train_seconds": train_s,
-                **{f"train/{k}": v for k, v in terms.items()}}
-      line = (f"epoch {epoch:3d} | loss {terms['loss']:.4f} "
-              + " ".join(f"{k} {v:.4f}" for k, v in terms.items()
-                         if k != "loss"))
-      if (epoch + 1) % config.eval.every_epochs == 0:
-        t1 = time.time()
-        val = run.evaluate(state, "val")
-        record.update({f"val/{k}": v for k, v in val.items()})
-        line += " | val " + _format_metrics("", val, show)
-        if val[metric] > best["score"]:
-          test = run.evaluate(state, "test")
-          record.update({f"test/{k}": v for k, v in test.items()})
-          best = {"epoch": epoch, "val": val, "test": test,
-                  "score": val[metric]}
-          bad_evals = 0
-          line += " *"
-        else:
-          bad_evals += 1
-        record["eval_seconds"] = time.time() - t1
-      line += f" | {time.time() - t0:.1f}s"
-      logging.info("%s", line)
-      log_file.write(json.dumps(record) + "\n")
-      log_file.flush()
-      if bad_evals > config.eval.patience:
-        logging.info("early stop: %s did not improve for %d evaluations",
-                     metric, bad_evals)
-        break
-    result = {"final": True, "best_epoch": best["epoch"], "epochs": epoch + 1,
-              "test": best["test"], "val": best["val"]}
-    log_file.write(json.dumps(result) + "\n")
-  if best["test"] is not None:
-    logging.info("best validation epoch %d: test %s", best["epoch"],
-                 _format_metrics("", best["test"],
-                                 ("recall@20", "precision@20", "ndcg@20",
-                                  "ndcg_mmssl@20")))
+  if status.kind == "new":
+    prepare_workdir(workdir, config)
+  store = checkpointing.CheckpointStore(
+      os.path.join(workdir, CHECKPOINT_DIR),
+      keep=int(config.train.get("checkpoint_keep", 3)))
+  with store:
+    if status.kind == "resume":
+      step = store.latest_step()
+      state, meta = store.restore(step, state)
+      checkpointing.resume_records(os.path.join(workdir, METRICS_FILE), meta)
+      logging.info("resuming from step %d (epoch %d, batch %d) of %s", step,
+                   meta.epoch, meta.batch, store.directory)
+    else:
+      meta = CheckpointMeta(step=0, epoch=0, batch=0, epoch_terms={},
+                            train_seconds=0.0, bad_evals=0, best=_no_best(),
+                            last_record=None)
+    with checkpointing.PreemptionGuard() as guard:
+      meta = _train_loop(config, run, state, meta, store, guard, workdir)
+  result = _final_result(meta)
+  checkpointing.append_record(os.path.join(workdir, METRICS_FILE), result)
+  _log_final(result)
   return result
+
+
+def _nan_message(epoch: int, batch: int, step: int, terms: dict[str, Any],
+                 store: checkpointing.CheckpointStore) -> str:
+  bad = [k for k, v in terms.items() if not np.all(np.isfinite(v))]
+  # The total is non-finite whenever a term is: name the term first.
+  bad.sort(key=lambda k: k == "loss")
+  first = bad[0]
+  also = f" (also non-finite: {', '.join(bad[1:])})" if bad[1:] else ""
+  latest = store.latest_step()
+  kept = (f"the last good checkpoint is step {latest} in {store.directory}"
+          if latest is not None else "no checkpoint was saved yet")
+  return (f"non-finite loss term {first} = {float(terms[first])} at step "
+          f"{step} (epoch {epoch}, batch {batch}){also}; training stopped, "
+          f"{kept}")
+
+
+def _train_loop(config, run: Run, state, meta: CheckpointMeta,
+                store: checkpointing.CheckpointStore,
+                guard: checkpointing.PreemptionGuard,
+                workdir: str) -> CheckpointMeta:
+  """Epochs from `meta` on; returns the meta of the last epoch boundary."""
+  metric = config.eval.metric
+  patience = config.eval.patience
+  every = int(config.train.get("nan_check_every_steps", 1))
+  spe = run.steps_per_epoch
+  show = ("recall@20", "ndcg@20", "ndcg_mmssl@20")
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  while meta.bad_evals <= patience and meta.epoch < config.train.epochs:
+    epoch = meta.epoch
+    t0 = time.time()
+    # Loss terms of the steps already done in this epoch (a resumed epoch).
+    history = [{k: np.float32(v[i]) for k, v in meta.epoch_terms.items()}
+               for i in range(meta.batch)]
+    pending = []  # (batch index, device bool: all terms finite)
+    for idx in range(meta.batch, spe):
+      state, terms = run.step(state, jnp.int32(idx), run.inputs)
+      history.append(terms)
+      pending.append((idx, _terms_finite(terms)))
+      last = idx == spe - 1
+      preempt = guard.requested and not last
+      if len(pending) >= every or last or preempt:
+        ok = jax.device_get([flag for _, flag in pending])
+        if not all(ok):
+          bad = pending[int(np.argmin(ok))][0]
+          raise FloatingPointError(_nan_message(
+              epoch, bad, epoch * spe + bad, jax.device_get(history[bad]),
+              store))
+        pending = []
+      if preempt:
+        host = jax.device_get(history)
+        saved = CheckpointMeta(
+            step=int(state.step), epoch=epoch, batch=idx + 1,
+            epoch_terms={k: [float(h[k]) for h in host] for k in host[0]},
+            train_seconds=meta.train_seconds + time.time() - t0,
+            bad_evals=meta.bad_evals, best=meta.best,
+            last_record=meta.last_record, reason="preemption")
+        path = store.save(state, saved)
+        raise checkpointing.Preempted(
+            f"stopped by {guard.signal_name} at step {saved.step} (epoch "
+            f"{epoch}, batch {idx + 1} of {spe}); checkpoint saved to {path}; "
+            "run the same command again to resume", guard.signum)
+    terms = _epoch_means(jax.device_get(history))
+    train_s = meta.train_seconds + time.time() - t0
+    step = int(state.step)
+    checkpointing.check_finite(state, step)
+    record = {"epoch": epoch, "train_seconds": train_s,
+              **{f"train/{k}": v for k, v in terms.items()}}
+    line = (f"epoch {epoch:3d} | loss {terms['loss']:.4f} "
+            + " ".join(f"{k} {v:.4f}" for k, v in terms.items()
+                       if k != "loss"))
+    best, bad_evals, best_score = meta.best, meta.bad_evals, None
+    if (epoch + 1) % config.eval.every_epochs == 0:
+      t1 = time.time()
+      val = run.evaluate(state, "val")
+      record.update({f"val/{k}": v for k, v in val.items()})
+      line += " | val " + _format_metrics("", val, show)
+      if best["score"] is None or val[metric] > best["score"]:
+        test = run.evaluate(state, "test")
+        record.update({f"test/{k}": v for k, v in test.items()})
+        best = {"epoch": epoch, "step": step, "score": val[metric],
+                "val": val, "test": test}
+        best_score = val[metric]
+        bad_evals = 0
+        line += " *"
+      else:
+        bad_evals += 1
+      record["eval_seconds"] = time.time() - t1
+    meta = CheckpointMeta(step=step, epoch=epoch + 1, batch=0, epoch_terms={},
+                          train_seconds=0.0, bad_evals=bad_evals, best=best,
+                          last_record=record)
+    store.save(state, meta, best_score=best_score)
+    checkpointing.append_record(metrics_path, record)
+    logging.info("%s | %.1fs", line, time.time() - t0)
+    if bad_evals > patience:
+      logging.info("early stop: %s did not improve for %d evaluations",
+                   metric, bad_evals)
+    elif guard.requested and meta.epoch < config.train.epochs:
+      raise checkpointing.Preempted(
+          f"stopped by {guard.signal_name} at step {step} (end of epoch "
+          f"{epoch}); checkpoint saved to "
+          f"{os.path.join(store.directory, str(step))}; run the same command "
+          "again to resume", guard.signum)
+  return meta

@@ -1,0 +1,1 @@
+"""A corpus of malformed datasets and the tests that every one is rejected."""

@@ -1,0 +1,316 @@
+"""NaN guard, workdir/config safety, preemption through the CLI, determinism flag.
+
+In-process runs share one compiled step with tests/test_checkpointing.py
+(`StepHooks`); the CLI tests run `python -m mmssl_jax.main` in subprocesses
+with the fast XLA backend options and a persistent compilation cache so that
+the resumed process does not compile again.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+from mmssl_jax import checkpointing
+from mmssl_jax import config_lib
+from mmssl_jax import main as main_lib
+from mmssl_jax import steps
+from mmssl_jax import train
+from test_checkpointing import StepHooks
+
+CLI_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module", name="hooks")
+def hooks_fixture():
+  hooks = StepHooks()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(steps, "jax", helpers.JaxWithFastJit())
+    mp.setattr(steps, "make_mmssl_step", hooks.make)
+    yield hooks
+
+
+def _config(**train_fields):
+  config = helpers.load_config("test")
+  config.train.epochs = 3
+  config.eval.patience = 100
+  for k, v in train_fields.items():
+    config.train[k] = v
+  return config
+
+
+def _files(path):
+  """{relative path: (bytes, mtime_ns)} of every file under path."""
+  return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
+          for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module", name="stopped_run")
+def stopped_run_fixture(hooks, tmp_path_factory):
+  """A workdir stopped by SIGTERM after epoch 0 (config.json, 1 record,
+  one checkpoint); tests copy it before changing anything."""
+  workdir = tmp_path_factory.mktemp("stopped") / "run"
+  config = _config()
+  spe = train.Run(config, train.load_dataset(config.data)).steps_per_epoch
+  hooks.signal_after = {spe - 1: signal.SIGTERM}
+  try:
+    with pytest.raises(checkpointing.Preempted):
+      train.train_and_evaluate(config, str(workdir))
+  finally:
+    hooks.signal_after = {}
+  return workdir, spe
+
+
+def _copy(src, tmp_path):
+  dst = tmp_path / "run"
+  shutil.copytree(src, dst)
+  return dst
+
+
+# ----------------------------------------------------------------------------
+# NaN guard
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_nan_stops_with_term_and_step_and_keeps_last_good_checkpoint(
+    hooks, stopped_run, tmp_path, every):
+  src, spe = stopped_run
+  workdir = _copy(src, tmp_path)
+  bad_step = spe + 1  # epoch 1, batch 1
+  hooks.nan_at = (bad_step, ("gen", "loss"))
+  try:
+    with pytest.raises(FloatingPointError) as info:
+      train.train_and_evaluate(_config(nan_check_every_steps=every),
+                               str(workdir))
+  finally:
+    hooks.nan_at = None
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith(
+      f"non-finite loss term gen = nan at step {bad_step} (epoch 1, batch 1)")
+  assert "also non-finite: loss" in message
+  assert f"last good checkpoint is step {spe}" in message
+  # Nothing was saved or logged after the NaN; the checkpoint is finite.
+  assert checkpointing.checkpoint_steps(str(workdir)) == [spe]
+  assert [r["epoch"] for r in checkpointing.read_records(
+      str(workdir / train.METRICS_FILE))] == [0]
+  restored = checkpointing.restore_run(str(workdir), which="latest")
+  assert checkpointing.first_nonfinite(restored.state) is None
+
+
+def test_absurd_learning_rate_stops_on_the_first_nan(tmp_path):
+  # LightGCN: a small step to compile. lr=1e30 overflows after one update.
+  config = helpers.load_config("test", "model=lightgcn")
+  config.optim.lr = 1e30
+  with pytest.raises(FloatingPointError,
+                     match=r"^non-finite loss term bpr = (nan|inf) at step 1 "
+                     r"\(epoch 0, batch 1\).*no checkpoint was saved yet"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert checkpointing.checkpoint_steps(str(tmp_path / "run")) == []
+
+
+# ----------------------------------------------------------------------------
+# Workdir and config safety
+
+
+def test_resuming_with_other_shapes_lists_the_fields_and_writes_nothing(
+    stopped_run, tmp_path):
+  workdir = _copy(stopped_run[0], tmp_path)
+  before = _files(workdir)
+  config = _config()
+  config.model.embed_size = 32
+  config.data.synthetic.n_users = 100
+  config.data.synthetic.modality_dims = {"image": 12, "text": 9}
+  with pytest.raises(checkpointing.ConfigMismatchError) as info:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(info.value)
+  assert "\n" not in message and "config.json" in message
+  assert "3 field(s)" in message
+  for field in ("model.embed_size 16 -> 32", "data.synthetic.n_users 120 -> 100",
+                "data.synthetic.modality_dims.text 8 -> 9"):
+    assert field in message
+  assert _files(workdir) == before
+
+
+def test_records_without_checkpoints_are_refused(stopped_run, tmp_path):
+  workdir = _copy(stopped_run[0], tmp_path)
+  shutil.rmtree(workdir / train.CHECKPOINT_DIR)
+  before = _files(workdir)
+  with pytest.raises(FileExistsError, match="cannot be resumed"):
+    train.train_and_evaluate(_config(), str(workdir))
+  (workdir / train.CONFIG_FILE).unlink()
+  with pytest.raises(FileExistsError, match="no config.json"):
+    train.train_and_evaluate(_config(), str(workdir))
+  del before[train.CONFIG_FILE]
+  assert _files(workdir) == before
+  with pytest.raises(FileExistsError, match="not a folder"):
+    train.train_and_evaluate(_config(), str(workdir / train.METRICS_FILE))
+
+
+def test_complete_run_is_returned_not_retrained(stopped_run, tmp_path):
+  workdir = _copy(stopped_run[0], tmp_path)
+  final = {"final": True, "best_epoch": 0, "epochs": 1, "test": {"x": 1.0},
+           "val": {"x": 2.0}}
+  checkpointing.append_record(str(workdir / train.METRICS_FILE), final)
+  before = _files(workdir)
+  assert train.train_and_evaluate(_config(), str(workdir)) == final
+  assert _files(workdir) == before
+
+
+def test_config_differences_ignore_only_resumable_fields():
+  old = checkpointing.config_to_json(_config())
+  new_config = _config()
+  new_config.train.epochs = 99
+  new_config.eval.patience = 1
+  new_config.optim.lr = 1.0
+  new = checkpointing.config_to_json(new_config)
+  assert checkpointing.config_differences(old, new) == [
+      ("optim.lr", old["optim"]["lr"], 1.0)]
+  del new["train"]["batch_size"]
+  assert ("train.batch_size", 32, None) in checkpointing.config_differences(
+      old, new)
+
+
+def test_deterministic_flag_is_added_once():
+  env = {"XLA_FLAGS": "--xla_foo=1"}
+  main_lib.set_deterministic_xla_flags(env)
+  main_lib.set_deterministic_xla_flags(env)
+  assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_gpu_deterministic_ops=true"
+  env = {}
+  main_lib.set_deterministic_xla_flags(env)
+  assert env["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=true"
+
+
+# ----------------------------------------------------------------------------
+# The CLI: preemption, resume, exit statuses
+
+
+def _cli(*args, workdir):
+  return [sys.executable, "-m", "mmssl_jax.main", *args, f"--workdir={workdir}"]
+
+
+def _env(cache_dir):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " "
+                      + helpers.FAST_XLA_FLAGS).strip()
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return env
+
+
+def _assert_one_error_line(stderr, *fragments):
+  assert "Traceback" not in stderr, stderr[-3000:]
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in last, last
+  return last
+
+
+def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  env = _env(tmp_path / "jax_cache")
+  metrics = workdir / train.METRICS_FILE
+  args = ["--config=configs/test.py", "--config.eval.patience=1000"]
+  with open(tmp_path / "stderr.txt", "w+") as err:
+    proc = subprocess.Popen(_cli(*args, "--config.train.epochs=50",
+                                 workdir=workdir),
+                            cwd=helpers.REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=err, env=env)
+    try:
+      deadline = time.time() + CLI_TIMEOUT_S
+      while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, "finished before the signal"
+        assert time.time() < deadline, "no epoch finished in time"
+        time.sleep(0.05)
+      proc.send_signal(signal.SIGTERM)
+      status = proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    err.seek(0)
+    stderr = err.read()
+  assert status == 128 + signal.SIGTERM == 143
+  last = _assert_one_error_line(stderr, "stopped by SIGTERM at step",
+                                "run the same command again to resume")
+  step = int(re.search(r"at step (\d+)", last).group(1))
+  assert step in checkpointing.checkpoint_steps(str(workdir))
+  done = len(checkpointing.read_records(str(metrics)))
+  assert done >= 1
+
+  # The same command, asking for two more epochs (epochs may change on
+  # resume) and with the deterministic-ops XLA flag (harmless on CPU).
+  rerun_env, extra = dict(env), []
+  if "deterministic" in config_lib.base_config().train:
+    extra.append("--config.train.deterministic=True")
+  else:  # until base_config() has the field: the flag itself
+    rerun_env["XLA_FLAGS"] += " " + main_lib.DETERMINISTIC_XLA_FLAG
+  proc = subprocess.run(
+      _cli(*args, f"--config.train.epochs={done + 2}", *extra,
+           workdir=workdir),
+      cwd=helpers.REPO_ROOT, capture_output=True, text=True, env=rerun_env,
+      timeout=CLI_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert f"resuming from step {step} " in proc.stderr
+  records = checkpointing.read_records(str(metrics))
+  assert [r.get("epoch") for r in records[:-1]] == list(range(done + 2))
+  assert records[-1]["final"] is True and records[-1]["epochs"] == done + 2
+  assert json.loads((workdir / train.CONFIG_FILE).read_text())[
+      "train"]["epochs"] == 50  # config.json is the run's original
+
+  # Once complete, the same command prints the stored result and exits 0.
+  proc = subprocess.run(
+      _cli(*args, f"--config.train.epochs={done + 2}", workdir=workdir),
+      cwd=helpers.REPO_ROOT, capture_output=True, text=True, env=env,
+      timeout=CLI_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "holds a complete run" in proc.stderr
+  assert checkpointing.read_records(str(metrics)) == records
+
+
+def test_cli_config_mismatch_and_nan_exit_1_with_one_line(tmp_path):
+  env = _env(tmp_path / "jax_cache")
+  workdir = tmp_path / "run"
+  # LightGCN with an absurd learning rate: NaN after the first update.
+  proc = subprocess.run(
+      _cli("--config=configs/test.py:model=lightgcn", "--config.optim.lr=1e30",
+           workdir=workdir),
+      cwd=helpers.REPO_ROOT, capture_output=True, text=True, env=env,
+      timeout=CLI_TIMEOUT_S)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  _assert_one_error_line(proc.stderr, "non-finite loss term", "at step 1")
+  # The workdir now holds that run's config: another config is refused.
+  before = _files(workdir)
+  proc = subprocess.run(
+      _cli("--config=configs/test.py:model=lightgcn",
+           "--config.model.embed_size=8", workdir=workdir),
+      cwd=helpers.REPO_ROOT, capture_output=True, text=True, env=env,
+      timeout=CLI_TIMEOUT_S)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  _assert_one_error_line(proc.stderr, "model.embed_size 16 -> 8",
+                         "optim.lr 1e+30 -> 0.001", "config.json")
+  assert _files(workdir) == before
+
+
+def test_restore_best_gives_the_best_epoch_state(stopped_run, hooks):
+  del hooks
+  restored = checkpointing.restore_best(str(stopped_run[0]))
+  assert restored.step == stopped_run[1]
+  assert restored.meta.best["epoch"] == 0
+  user, item = restored.run.final_embeddings(restored.state)
+  assert user.shape == (restored.dataset.n_users, 16)
+  assert item.shape == (restored.dataset.n_items, 16)
+  assert np.all(np.isfinite(jax.device_get(user)))
+  assert restored.run.evaluate(restored.state, "val") == restored.meta.best[
+      "val"]
