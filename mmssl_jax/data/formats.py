@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 import pickle
 import re
+import tokenize
 from typing import NamedTuple, Sequence
 import warnings
 
@@ -394,8 +395,11 @@ def _read_npy(path: Path) -> np.ndarray:
       raise error(path, "features must be a 2-D numeric array, got an object "
                   "array") from None
     raise error(path, f"unreadable .npy file ({e})") from None
-  except (OSError, EOFError) as e:
-    raise error(path, f"unreadable .npy file ({e})") from None
+  except (OSError, EOFError, SyntaxError, tokenize.TokenError) as e:
+    # numpy parses the header with ast/tokenize: a corrupted header raises
+    # SyntaxError or TokenError.
+    raise error(path, f"unreadable .npy file ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 # ----------------------------------------------------------------------------

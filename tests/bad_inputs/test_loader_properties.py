@@ -5,16 +5,14 @@
   features bit for bit.
 * Any prefix of a valid train.json, and any single-byte corruption of a
   feature file, either loads or raises a one-line DataError naming the file;
-  no other exception escapes the loader. (A NUL byte in a .npy HEADER still
-  escapes as SyntaxError from numpy's header parser: that test is an xfail
-  until `formats._read_npy` catches it.)
+  no other exception escapes the loader, including a NUL byte in the .npy
+  header (numpy's header parser raises SyntaxError/TokenError there).
 """
 
 from pathlib import Path
 import json
 import pickle
 import tempfile
-import tokenize
 
 from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
@@ -146,10 +144,6 @@ def test_corrupted_feature_data_byte_never_escapes_as_another_error(
   _corrupt_feature_byte(ds, where, value, header=False)
 
 
-@pytest.mark.xfail(
-    reason="formats._read_npy lets SyntaxError from np.load's header parser "
-    "escape (a NUL byte for the .npy header's opening brace)",
-    raises=(SyntaxError, tokenize.TokenError), strict=False)
 def test_nul_byte_in_feature_header_is_a_data_error(tmp_path):
   folder = tmp_path / "d"
   folder.mkdir()
