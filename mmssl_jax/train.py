@@ -43,6 +43,7 @@ from mmssl_jax import checkpointing
 from mmssl_jax import evaluation
 from mmssl_jax import graph as graph_lib
 from mmssl_jax import model as model_lib
+from mmssl_jax import progress
 from mmssl_jax import state as state_lib
 from mmssl_jax import steps
 from mmssl_jax.checkpointing import CheckpointMeta
@@ -54,6 +55,9 @@ from mmssl_jax.data import synthetic
 METRICS_FILE = checkpointing.METRICS_FILE
 CONFIG_FILE = checkpointing.CONFIG_FILE
 CHECKPOINT_DIR = checkpointing.CHECKPOINT_DIR
+# The terminal progress bar reads the loss terms (a device->host copy) of one
+# step in this many; nothing is read when stderr is not a terminal.
+PROGRESS_TERMS_EVERY = 10
 
 
 class ConfigError(ValueError):
@@ -268,8 +272,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       meta = CheckpointMeta(step=0, epoch=0, batch=0, epoch_terms={},
                             train_seconds=0.0, bad_evals=0, best=_no_best(),
                             last_record=None)
-    with checkpointing.PreemptionGuard() as guard:
-      meta = _train_loop(config, run, state, meta, store, guard, workdir)
+    tensorboard = bool(config.train.get("tensorboard", False))
+    with progress.MetricWriter(workdir, enabled=tensorboard) as writer:
+      if tensorboard and not writer.active:
+        logging.warning("train.tensorboard=True but tensorboardX is not "
+                        "installed (pip install -e \".[tensorboard]\"); "
+                        "writing no event files")
+      with checkpointing.PreemptionGuard() as guard:
+        meta = _train_loop(config, run, state, meta, store, guard, workdir,
+                           writer=writer)
   result = _final_result(meta)
   checkpointing.append_record(os.path.join(workdir, METRICS_FILE), result)
   _log_final(result)
@@ -294,8 +305,15 @@ def _nan_message(epoch: int, batch: int, step: int, terms: dict[str, Any],
 def _train_loop(config, run: Run, state, meta: CheckpointMeta,
                 store: checkpointing.CheckpointStore,
                 guard: checkpointing.PreemptionGuard,
-                workdir: str) -> CheckpointMeta:
-  """Epochs from `meta` on; returns the meta of the last epoch boundary."""
+                workdir: str, *,
+                writer: progress.MetricWriter | None = None
+                ) -> CheckpointMeta:
+  """Epochs from `meta` on; returns the meta of the last epoch boundary.
+
+  A progress bar (`progress.EpochProgress`) redraws one line of stderr while
+  an epoch runs, only when stderr is a terminal; `writer` receives the
+  numeric fields of every epoch record at the epoch's global step.
+  """
   metric = config.eval.metric
   patience = config.eval.patience
   every = int(config.train.get("nan_check_every_steps", 1))
@@ -309,33 +327,37 @@ def _train_loop(config, run: Run, state, meta: CheckpointMeta,
     history = [{k: np.float32(v[i]) for k, v in meta.epoch_terms.items()}
                for i in range(meta.batch)]
     pending = []  # (batch index, device bool: all terms finite)
-    for idx in range(meta.batch, spe):
-      state, terms = run.step(state, jnp.int32(idx), run.inputs)
-      history.append(terms)
-      pending.append((idx, _terms_finite(terms)))
-      last = idx == spe - 1
-      preempt = guard.requested and not last
-      if len(pending) >= every or last or preempt:
-        ok = jax.device_get([flag for _, flag in pending])
-        if not all(ok):
-          bad = pending[int(np.argmin(ok))][0]
-          raise FloatingPointError(_nan_message(
-              epoch, bad, epoch * spe + bad, jax.device_get(history[bad]),
-              store))
-        pending = []
-      if preempt:
-        host = jax.device_get(history)
-        saved = CheckpointMeta(
-            step=int(state.step), epoch=epoch, batch=idx + 1,
-            epoch_terms={k: [float(h[k]) for h in host] for k in host[0]},
-            train_seconds=meta.train_seconds + time.time() - t0,
-            bad_evals=meta.bad_evals, best=meta.best,
-            last_record=meta.last_record, reason="preemption")
-        path = store.save(state, saved)
-        raise checkpointing.Preempted(
-            f"stopped by {guard.signal_name} at step {saved.step} (epoch "
-            f"{epoch}, batch {idx + 1} of {spe}); checkpoint saved to {path}; "
-            "run the same command again to resume", guard.signum)
+    # A resumed epoch's bar starts at the batch the checkpoint stopped at.
+    with progress.EpochProgress(spe, epoch=epoch, initial=meta.batch) as bar:
+      for idx in range(meta.batch, spe):
+        state, terms = run.step(state, jnp.int32(idx), run.inputs)
+        history.append(terms)
+        pending.append((idx, _terms_finite(terms)))
+        last = idx == spe - 1
+        preempt = guard.requested and not last
+        if len(pending) >= every or last or preempt:
+          ok = jax.device_get([flag for _, flag in pending])
+          if not all(ok):
+            bad = pending[int(np.argmin(ok))][0]
+            raise FloatingPointError(_nan_message(
+                epoch, bad, epoch * spe + bad, jax.device_get(history[bad]),
+                store))
+          pending = []
+        # Terms are read (a device sync) only when the bar is on a terminal.
+        bar.update(terms if idx % PROGRESS_TERMS_EVERY == 0 or last else None)
+        if preempt:
+          host = jax.device_get(history)
+          saved = CheckpointMeta(
+              step=int(state.step), epoch=epoch, batch=idx + 1,
+              epoch_terms={k: [float(h[k]) for h in host] for k in host[0]},
+              train_seconds=meta.train_seconds + time.time() - t0,
+              bad_evals=meta.bad_evals, best=meta.best,
+              last_record=meta.last_record, reason="preemption")
+          path = store.save(state, saved)
+          raise checkpointing.Preempted(
+              f"stopped by {guard.signal_name} at step {saved.step} (epoch "
+              f"{epoch}, batch {idx + 1} of {spe}); checkpoint saved to "
+              f"{path}; run the same command again to resume", guard.signum)
     terms = _epoch_means(jax.device_get(history))
     train_s = meta.train_seconds + time.time() - t0
     step = int(state.step)
@@ -367,6 +389,8 @@ def _train_loop(config, run: Run, state, meta: CheckpointMeta,
                           last_record=record)
     store.save(state, meta, best_score=best_score)
     checkpointing.append_record(metrics_path, record)
+    if writer is not None:
+      writer.write_scalars(step, record)
     logging.info("%s | %.1fs", line, time.time() - t0)
     if bad_evals > patience:
       logging.info("early stop: %s did not improve for %d evaluations",
