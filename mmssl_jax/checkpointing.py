@@ -81,6 +81,7 @@ RESUMABLE_FIELDS = (
     "train.checkpoint_keep",
     "train.nan_check_every_steps",
     "train.deterministic",
+    "train.tensorboard",
     "eval.patience",
     "eval.block_users",
     "data.expected_files",

@@ -56,8 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lightgcn_layers = 3  # LightGCN baseline only
 
   c.critic = ml_collections.ConfigDict()
-  c.critic.kind = "dense"  # I -> I/4 -> I/8 -> 1 (§3.5)
-  c.critic.hidden = ()  # hidden widths; () = (I // 4, I // 8) as released
+  # 'dense': the released I -> I/4 -> I/8 -> 1 (§3.5, 0.28 I^2 parameters);
+  # 'lowrank': first layer W_0 = U V (I x r, r x h_1), cost linear in I.
+  c.critic.kind = "dense"
+  c.critic.rank = 64  # r of the low-rank first layer (kind='lowrank' only)
+  # Hidden widths; () = (I // 4, I // 8) for 'dense', (256, 128) for 'lowrank'.
+  c.critic.hidden = ()
   c.critic.negative_slope = 1.0  # LeakyReLU(True): the identity (§3.5)
   c.critic.batch_norm = True
   c.critic.dropout = (0.31, 0.5)  # G_drop1, G_drop2
@@ -98,7 +102,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 1024
   c.train.epochs = 1000
-  c.train.generator_block = 0  # item block of the generated rows; 0 = one product
+  # Item block of the generated rows; 0 = one product. With
+  # critic.kind='lowrank', > 0 also fuses generator and critic blockwise
+  # (`steps.uses_fused_generator`): no B x I array is formed.
+  c.train.generator_block = 0
+  # Devices on the 'data' mesh axis (batch users; `parallel.py`):
+  # 1 = unsharded (the default single-device path), 0 = all devices.
+  c.train.data_parallel = 1
+  c.train.checkpoint_keep = 3  # last N checkpoints kept, plus the best one
+  c.train.nan_check_every_steps = 1  # NaN guard: test loss terms every N steps
+  # GPU only: main sets XLA_FLAGS=--xla_gpu_deterministic_ops=true (slower
+  # scatter-adds, bit-reproducible runs). CPU runs are deterministic anyway.
+  c.train.deterministic = False
+  c.train.tensorboard = False  # per-epoch TensorBoard scalars (tensorboardX)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (10, 20, 50)

@@ -18,6 +18,11 @@ Cost: I*I/4 + I/4*I/8 + I/8 + BatchNorm ~= 0.28 * I^2 parameters
 (Baby 14.0 M, Sports 94.8 M, 2.5e11 at I = 1e6; section 9), and about
 2 * N * 0.28 * I^2 FLOPs per forward over N rows. Fine for the reference
 datasets, quadratic in the catalogue size.
+
+`critic.kind='lowrank'` (`init_lowrank_critic`) factorises the first layer,
+the only I-sized part, as W_0 = U V (I x r, r x h_1) with fixed hidden widths:
+parameters and cost linear in I. Every function below dispatches on the
+structure of params['dense_0'] ('kernel', or 'u' and 'v').
 """
 
 from __future__ import annotations
@@ -76,6 +81,71 @@ def init_dense_critic(key: chex.PRNGKey, n_items: int, *,
           "bias": jnp.zeros((fan_out,), jnp.float32),
       }
   return params
+
+
+DEFAULT_LOWRANK_HIDDEN = (256, 128)
+
+
+def init_lowrank_critic(key: chex.PRNGKey, n_items: int, *, rank: int = 64,
+                        hidden: Optional[Sequence[int]] = None,
+                        batch_norm: bool = True) -> Params:
+  """A critic with parameters and cost linear in I (critic.kind='lowrank').
+
+  Same layers as `init_dense_critic` except the first Linear, factorised as
+  W_0 = U V with U (I, r) and V (r, h_1): I r + r h_1 + h_1 + (the rest)
+  parameters instead of 0.28 I^2, and O(N I r) FLOPs per forward over N rows
+  (`graph.fused_generated_rows` projects generated rows onto U one item block
+  at a time). The hidden widths do not grow with I.
+
+  Init: U ~ N(0, 1/I), V ~ N(0, 2/r), so each entry of U V has variance
+  2/I, the kaiming_normal variance of the dense W_0; the other layers are
+  initialised as in `init_dense_critic`.
+
+  Args:
+    key: PRNG key.
+    n_items: I.
+    rank: r.
+    hidden: hidden widths; defaults to DEFAULT_LOWRANK_HIDDEN (256, 128).
+    batch_norm: whether to create BatchNorm parameters after each hidden layer.
+
+  Returns:
+    {'dense_0': {'u', 'v', 'bias'}, 'bn_0', 'dense_1', ...}, float32.
+  """
+  widths = DEFAULT_LOWRANK_HIDDEN if hidden is None else tuple(hidden)
+  if rank < 1:
+    raise ValueError(f"critic rank must be positive, got {rank}")
+  k_first, k_rest = jax.random.split(key)
+  # The rest of the MLP is the dense critic's, over an r-wide input (whose
+  # first kernel is replaced by the two factors).
+  params = init_dense_critic(k_rest, rank, hidden=widths,
+                             batch_norm=batch_norm)
+  k_u, k_v = jax.random.split(k_first)
+  params["dense_0"] = {
+      "u": math.sqrt(1.0 / n_items) * jax.random.normal(
+          k_u, (n_items, rank), jnp.float32),
+      "v": math.sqrt(2.0 / rank) * jax.random.normal(
+          k_v, (rank, widths[0]), jnp.float32),
+      "bias": jnp.zeros((widths[0],), jnp.float32),
+  }
+  return params
+
+
+def init_critic(key: chex.PRNGKey, n_items: int, *, kind: str = "dense",
+                rank: int = 64, hidden: Optional[Sequence[int]] = None,
+                batch_norm: bool = True) -> Params:
+  """`init_dense_critic` (kind='dense') or `init_lowrank_critic` ('lowrank').
+
+  hidden=None (or empty) selects each kind's default widths.
+  """
+  hidden = tuple(hidden) if hidden else None
+  if kind == "dense":
+    return init_dense_critic(key, n_items, hidden=hidden,
+                             batch_norm=batch_norm)
+  if kind == "lowrank":
+    return init_lowrank_critic(key, n_items, rank=rank, hidden=hidden,
+                               batch_norm=batch_norm)
+  raise ValueError(f"unknown critic.kind {kind!r} (expected 'dense' or "
+                   "'lowrank')")
 
 
 def init_critic_batch_stats(params: Mapping[str, Mapping[str, chex.Array]]
@@ -171,13 +241,44 @@ def first_layer(params: Mapping[str, Mapping[str, chex.Array]],
                 x: chex.Array) -> chex.Array:
   """The critic's first Linear, x @ W_0 + b_0 (pre-activation), (N, h_1).
 
-  It holds almost all of the critic's cost (I x I/4). Because it is affine,
-  callers can compute it once per distinct row: the released real rows are
-  duplicated to 2B (§3.5), and the penalty's interpolates satisfy
-  h(a x_r + (1 - a) x_f) = a h(x_r) + (1 - a) h(x_f).
+  It holds almost all of the critic's cost (I x I/4 for the dense critic).
+  Because it is affine, callers can compute it once per distinct row: the
+  released real rows are duplicated to 2B (§3.5), and the penalty's
+  interpolates satisfy h(a x_r + (1 - a) x_f) = a h(x_r) + (1 - a) h(x_f).
+
+  Dispatches on the structure of params['dense_0']: {'kernel', 'bias'} is the
+  dense W_0 (I, h_1); {'u', 'v', 'bias'} is the low-rank W_0 = U V with
+  U (I, r) and V (r, h_1) (`init_lowrank_critic`), computed as (x U) V
+  without forming W_0.
+  """
+  x = x.astype(jnp.float32)
+  return first_layer_from_projection(params, x @ first_layer_factor(params))
+
+
+def is_lowrank(params: Mapping[str, Mapping[str, chex.Array]]) -> bool:
+  """Whether the critic's first layer is the low-rank U V."""
+  return "u" in params["dense_0"]
+
+
+def first_layer_factor(params: Mapping[str, Mapping[str, chex.Array]]
+                       ) -> chex.Array:
+  """The I-sized factor F of the first layer: U (I, r) or the kernel (I, h_1).
+
+  x W_0 + b_0 = first_layer_from_projection(params, x F) for both kinds;
+  the blockwise generator (`graph.fused_generated_rows`) projects rows onto F
+  one item block at a time, so no (N, I) row ever exists.
   """
   dense = params["dense_0"]
-  return x.astype(jnp.float32) @ dense["kernel"] + dense["bias"]
+  return dense["u"] if "u" in dense else dense["kernel"]
+
+
+def first_layer_from_projection(params: Mapping[str, Mapping[str, chex.Array]],
+                                z: chex.Array) -> chex.Array:
+  """x W_0 + b_0 from z = x F (`first_layer_factor`): z V + b or z + b."""
+  dense = params["dense_0"]
+  if "u" in dense:
+    return z @ dense["v"] + dense["bias"]
+  return z + dense["bias"]
 
 
 def critic_head(
@@ -268,9 +369,37 @@ def gradient_penalty(critic_fn: Callable[[chex.Array], chex.Array],
   return jnp.mean(jnp.square(_safe_norm(grads) - 1.0))
 
 
+def input_gradient_norms(first: Mapping[str, chex.Array] | chex.Array,
+                         grad_h: chex.Array) -> chex.Array:
+  """Row norms ||grad_h W_0^T|| of the input gradient, without an (N, I) array.
+
+  Args:
+    first: the dense kernel W_0 (I, h_1), or params['dense_0'] of either
+      kind ({'kernel', ...} or {'u', 'v', ...}).
+    grad_h: (N, h_1) gradients w.r.t. the first-layer pre-activations.
+
+  Returns:
+    (N,) norms, with a zero gradient at a zero row (as `_safe_norm`).
+
+  For the low-rank W_0 = U V, g = grad_h V^T (N, r) and
+  ||g U^T||^2 = g (U^T U) g^T: O(N r^2 + I r^2) through the r x r Gram
+  matrix, differentiable w.r.t. U and V (the penalty's double backward).
+  """
+  if not isinstance(first, Mapping):
+    return _safe_norm(grad_h @ first.T)
+  if "u" not in first:
+    return _safe_norm(grad_h @ first["kernel"].T)
+  u, v = first["u"], first["v"]
+  g = grad_h @ v.T
+  sq = jnp.sum((g @ (u.T @ u)) * g, axis=-1)
+  nonzero = sq > 0  # rounding can make a 0 norm slightly negative
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
 def gradient_penalty_from_hidden(head_fn: Callable[[chex.Array], chex.Array],
                                  h_real: chex.Array, h_fake: chex.Array,
-                                 first_kernel: chex.Array, *,
+                                 first_kernel: Mapping[str, chex.Array]
+                                 | chex.Array, *,
                                  key: chex.PRNGKey) -> chex.Array:
   """`gradient_penalty` for a critic whose first layer is affine, cheaply.
 
@@ -286,12 +415,13 @@ def gradient_penalty_from_hidden(head_fn: Callable[[chex.Array], chex.Array],
     head_fn: h (N, h_1) -> scores (N,), e.g. `critic_head` with fixed params,
       stats and dropout key.
     h_real, h_fake: (N, h_1) first-layer outputs of the real and fake rows.
-    first_kernel: W_0, (I, h_1).
+    first_kernel: W_0 (I, h_1), or params['dense_0'] of either critic kind
+      (a low-rank U V is never formed: `input_gradient_norms`).
     key: PRNG key for alpha.
   """
   chex.assert_equal_shape([h_real, h_fake])
   alpha = jax.random.uniform(key, (h_real.shape[0], 1), h_real.dtype)
   h_hat = alpha * h_real + (1.0 - alpha) * h_fake
   grad_h = jax.grad(lambda h: jnp.sum(head_fn(h)))(h_hat)
-  grads = grad_h @ first_kernel.T
-  return jnp.mean(jnp.square(_safe_norm(grads) - 1.0))
+  norms = input_gradient_norms(first_kernel, grad_h)
+  return jnp.mean(jnp.square(norms - 1.0))

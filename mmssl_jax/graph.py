@@ -10,6 +10,10 @@ sparse product A @ X without ever forming A densely.
 We keep our own edge-list container instead of `jraph.GraphsTuple`: the graph
 is bipartite with two weight vectors (one per direction), which GraphsTuple's
 homogeneous node set would only obscure.
+
+For large catalogues, `fused_generated_rows` and `fused_real_rows` compute the
+critic's first layer of the generated and "real" rows (and the top-k refresh)
+one item block at a time, never holding a (B, I) array (design.md "Scale").
 """
 
 from __future__ import annotations
@@ -126,23 +130,24 @@ def with_csr(graph: BipartiteGraph, n_users: int,
 
 
 def sort_graph(users, items, valid, n_users: int,
-               n_items: int) -> BipartiteGraph:
+               n_items: int, *, csr: bool = True) -> BipartiteGraph:
   """A one-sided graph (§4.4 `csr_norm`) from unsorted, partly invalid pairs.
 
   Jit-able. Invalid pairs get weight 0 and join the last user and item, so
-  they sort to the end of both orderings.
+  they sort to the end of both orderings. csr=False leaves out the CSR
+  fields (segment_sum propagation, e.g. for sharded runs).
   """
   users = jnp.where(valid, users, n_users - 1).astype(jnp.int32)
   items = jnp.where(valid, items, n_items - 1).astype(jnp.int32)
   order = jnp.argsort(users, stable=True)
   users, items, valid = users[order], items[order], valid[order]
   to_user, to_item = one_sided_weights(users, items, valid, n_users, n_items)
-  return with_csr(BipartiteGraph(users, items, to_user, to_item), n_users,
-                  n_items)
+  graph = BipartiteGraph(users, items, to_user, to_item)
+  return with_csr(graph, n_users, n_items) if csr else graph
 
 
 def topk_table_graph(table: jax.Array, refreshed: jax.Array, n_items: int,
-                     capacity: int) -> BipartiteGraph:
+                     capacity: int, *, csr: bool = True) -> BipartiteGraph:
   """The modality graph of per-user top-k tables (paper variant), jit-able.
 
   Edges (u, table[u, j]) for every refreshed user u, binary, with symmetric
@@ -151,7 +156,8 @@ def topk_table_graph(table: jax.Array, refreshed: jax.Array, n_items: int,
   collect edges from every user whose top-k contains them: with the
   one-sided 1/sqrt(d_i) a popular item's message grows like sqrt(d_i),
   while the symmetric form keeps the operator's spectral norm at most 1.
-  The graph is padded with zero-weight edges to `capacity`.
+  The graph is padded with zero-weight edges to `capacity`. csr=False
+  leaves out the CSR fields (as `sort_graph`).
   """
   n_users, k = table.shape
   users = jnp.repeat(jnp.arange(n_users, dtype=jnp.int32), k)
@@ -163,8 +169,17 @@ def topk_table_graph(table: jax.Array, refreshed: jax.Array, n_items: int,
   valid = jnp.pad(valid, (0, pad))
   to_user, to_item = one_sided_weights(users, items, valid, n_users, n_items)
   weight = to_user * to_item
-  return with_csr(BipartiteGraph(users, items, weight, weight), n_users,
-                  n_items)
+  graph = BipartiteGraph(users, items, weight, weight)
+  return with_csr(graph, n_users, n_items) if csr else graph
+
+
+def without_csr(graph: BipartiteGraph) -> BipartiteGraph:
+  """The graph without its CSR fields: propagation by `jraph.segment_sum`.
+
+  The CSR products are `jax.experimental.sparse` custom calls that XLA's
+  SPMD partitioner cannot split; sharded runs use this form.
+  """
+  return graph._replace(user_indptr=None, item_order=None, item_indptr=None)
 
 
 def pad_graph(graph: BipartiteGraph, capacity: int, n_users: int,
@@ -307,3 +322,220 @@ def generated_rows(user_repr: jax.Array, item_repr: jax.Array,
   scores = scores * (1.0 - interactions)
   return losses.l2_normalize(scores)
 
+
+
+# ----------------------------------------------------------------------------
+# Blockwise fused generator (critic.kind='lowrank' with train.generator_block)
+#
+# The functions below never hold a (B, I) array: they loop over item blocks
+# with `jax.lax.scan` and keep only per-row accumulators, so memory is
+# O(B * (block_size + r + k)) besides the inputs. The scan bodies are
+# rematerialised (`jax.checkpoint`) so that reverse-mode differentiation does
+# not store the per-block (B, block_size) scores either: the backward pass
+# recomputes them block by block.
+
+
+def _item_blocks(x: jax.Array, n_blocks: int, block_size: int) -> jax.Array:
+  """(I, ...) -> (n_blocks, block_size, ...), zero-padded past I."""
+  pad = n_blocks * block_size - x.shape[0]
+  x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+  return x.reshape(n_blocks, block_size, *x.shape[1:])
+
+
+def _n_blocks(n_items: int, block_size: int) -> tuple[int, int]:
+  block_size = int(min(block_size, n_items)) if block_size > 0 else n_items
+  return -(-n_items // block_size), block_size
+
+
+def interaction_block(item_lists: jax.Array, start, block_size: int
+                      ) -> jax.Array:
+  """0/1 rows (B, block_size) of items start .. start + block_size - 1.
+
+  The block of `dense_rows(item_lists, I)`, built by a scatter of the
+  padded lists (-1 = padding), O(B * L).
+  """
+  local = item_lists - start
+  inside = (item_lists >= 0) & (local >= 0) & (local < block_size)
+  cols = jnp.where(inside, local, block_size)
+  rows = jnp.arange(item_lists.shape[0])[:, None]
+  block = jnp.zeros((item_lists.shape[0], block_size + 1), jnp.float32)
+  return block.at[rows, cols].set(1.0)[:, :block_size]
+
+
+def _merge_topk(top_v, top_i, values, cols, k: int):
+  """Running top-k: the k largest of the current k and a new block.
+
+  The current entries come first and hold lower item ids, so ties keep the
+  lower id first, as `jax.lax.top_k` over the whole row does.
+  """
+  cand_v = jnp.concatenate([top_v, values], axis=1)
+  cand_i = jnp.concatenate(
+      [top_i, jnp.broadcast_to(cols, values.shape).astype(jnp.int32)], axis=1)
+  top_v, pos = jax.lax.top_k(cand_v, k)
+  return top_v, jnp.take_along_axis(cand_i, pos, axis=1)
+
+
+def fused_generated_rows(user_repr: jax.Array, item_repr: jax.Array,
+                         item_lists: jax.Array, *, block_size: int,
+                         factor: jax.Array | None = None, k: int = 0):
+  """`generated_rows` projected onto `factor`, and its top-k, blockwise.
+
+  With S = (P Q^T) * (1 - R) (§3.4) and F = factor (I, r), returns
+  n(S) F = (S F) / ||S||_row without forming S: a scan over item blocks
+  accumulates S_b F_b (B, r) and ||S_b||^2 (B,). For the low-rank critic,
+  F = U and `critic.first_layer_from_projection` finishes the first layer,
+  so the critic's first layer of a generated row costs O(B * I * (d + r)).
+  Differentiable w.r.t. P, Q and F.
+
+  With k > 0 the same pass keeps a running top-k of each row (the masked
+  top-k graph refresh of §4.4); the ranking of S equals that of n(S).
+
+  Args:
+    user_repr: P, (B, d) user representations of the batch.
+    item_repr: Q, (I, d) item representations.
+    item_lists: (B, L) the batch users' training items, -1 padded
+      (`SamplerTables.train_lists[users]`): R.
+    block_size: items per block.
+    factor: F (I, r) or None (no projection).
+    k: top-k size (0: none).
+
+  Returns:
+    (projection (B, r) or None, top-k item ids (B, k) int32 or None).
+  """
+  n_items = item_repr.shape[0]
+  n_blocks, bs = _n_blocks(n_items, block_size)
+  b = user_repr.shape[0]
+  xs = {"q": _item_blocks(item_repr, n_blocks, bs),
+        "start": jnp.arange(n_blocks, dtype=jnp.int32) * bs}
+  carry = {}
+  if factor is not None:
+    xs["f"] = _item_blocks(factor, n_blocks, bs)
+    carry["acc"] = jnp.zeros((b, factor.shape[1]), jnp.float32)
+    carry["sq"] = jnp.zeros((b,), jnp.float32)
+  if k:
+    carry["top_v"] = jnp.full((b, k), -jnp.inf, jnp.float32)
+    carry["top_i"] = jnp.full((b, k), -1, jnp.int32)
+
+  def body(carry, x):
+    s = user_repr @ x["q"].T
+    s = s * (1.0 - interaction_block(item_lists, x["start"], bs))
+    carry = dict(carry)
+    if factor is not None:
+      carry["acc"] = carry["acc"] + s @ x["f"]
+      carry["sq"] = carry["sq"] + jnp.sum(jnp.square(s), axis=-1)
+    if k:
+      cols = x["start"] + jnp.arange(bs, dtype=jnp.int32)
+      values = jnp.where(cols < n_items, jax.lax.stop_gradient(s), -jnp.inf)
+      carry["top_v"], carry["top_i"] = _merge_topk(
+          carry["top_v"], carry["top_i"], values, cols, k)
+    return carry, None
+
+  carry, _ = jax.lax.scan(jax.checkpoint(body), carry, xs)
+  proj = top = None
+  if factor is not None:
+    eps = 1e-12  # losses.l2_normalize: x / sqrt(max(sum x^2, eps^2))
+    proj = carry["acc"] / jnp.sqrt(jnp.maximum(carry["sq"], eps * eps))[:, None]
+  if k:
+    top = carry["top_i"]
+  return proj, top
+
+
+_LOG_EPS = 1e-8  # as losses._LOG_EPS (the Gumbel transform's 1e-8)
+
+
+def block_uniform(key: jax.Array, n_rows: int, block: int,
+                  block_size: int) -> jax.Array:
+  """The U(0, 1) draws of one item block of `fused_real_rows`' Gumbel noise.
+
+  Block j uses fold_in(key, j), so both passes (and the backward pass) see
+  the same noise; the dense equivalent is these blocks concatenated.
+  """
+  return jax.random.uniform(jax.random.fold_in(key, block),
+                            (n_rows, block_size), jnp.float32)
+
+
+def fused_real_rows(key: jax.Array, user_repr: jax.Array,
+                    item_repr: jax.Array, item_lists: jax.Array,
+                    factor: jax.Array, *, block_size: int,
+                    gumbel_scale: float, tau: float, ui_pre_scale: float,
+                    use_gumbel: bool = True,
+                    log_logits: bool = False) -> jax.Array:
+  """n(x_r) F for the critic's "real" rows (§3.5), blockwise, no (B, I) array.
+
+  x_r = softmax_i((logits + s_g g) / tau) + kappa * n(S), S the masked model
+  scores (u* i*^T)(1 - R): the rows of `losses.gumbel_real_rows` (same
+  switches) before their final `l2_normalize`, whose projection onto
+  F (I, r) is returned. Two scans over item blocks: the first accumulates
+  ||S||^2 and the softmax's running max and sum, the second
+  x_r,b F_b and ||x_r,b||^2. The Gumbel uniforms of block j are
+  `block_uniform(key, B, j, block_size)` (not the dense path's single
+  (B, I) draw, so the two paths draw different noise from one key).
+  Differentiable w.r.t. F (the critic's U); the rows themselves are
+  constants of the critic step, like the reference's no-grad real rows.
+
+  Args:
+    key: PRNG key of the Gumbel noise.
+    user_repr: (B, d) final user representations u*[B].
+    item_repr: (I, d) final item representations i*.
+    item_lists: (B, L) training items of the batch users, -1 padded (R).
+    factor: F (I, r).
+    block_size, gumbel_scale, tau, ui_pre_scale, use_gumbel, log_logits: as
+      `losses.gumbel_real_rows` (block_size: items per block).
+  """
+  n_items = item_repr.shape[0]
+  n_blocks, bs = _n_blocks(n_items, block_size)
+  b = user_repr.shape[0]
+  counts = jnp.sum(item_lists >= 0, axis=1).astype(jnp.float32)[:, None]
+  user_repr = jax.lax.stop_gradient(user_repr)
+  item_repr = jax.lax.stop_gradient(item_repr)
+  xs = {"q": _item_blocks(item_repr, n_blocks, bs),
+        "j": jnp.arange(n_blocks, dtype=jnp.int32)}
+
+  def block_terms(x):
+    start = x["j"] * bs
+    r = interaction_block(item_lists, start, bs)
+    s = (user_repr @ x["q"].T) * (1.0 - r)
+    valid = (start + jnp.arange(bs)) < n_items
+    if not use_gumbel:
+      return r, s, None
+    logits = r
+    if log_logits:
+      logits = jnp.log(r / jnp.maximum(counts, 1.0) + _LOG_EPS)
+    xi = block_uniform(key, b, x["j"], bs)
+    gumbel = -jnp.log(-jnp.log(xi + _LOG_EPS) + _LOG_EPS)
+    z = jnp.where(valid, (logits + gumbel_scale * gumbel) / tau, -jnp.inf)
+    return r, s, z
+
+  def stats_body(carry, x):
+    _, s, z = block_terms(x)
+    carry = dict(carry, sq=carry["sq"] + jnp.sum(jnp.square(s), axis=-1))
+    if use_gumbel:
+      new_max = jnp.maximum(carry["max"], jnp.max(z, axis=-1))
+      carry["sum"] = (carry["sum"] * jnp.exp(carry["max"] - new_max) +
+                      jnp.sum(jnp.exp(z - new_max[:, None]), axis=-1))
+      carry["max"] = new_max
+    return carry, None
+
+  init = {"sq": jnp.zeros((b,), jnp.float32)}
+  if use_gumbel:
+    init.update(max=jnp.full((b,), -jnp.inf, jnp.float32),
+                sum=jnp.zeros((b,), jnp.float32))
+  stats, _ = jax.lax.scan(stats_body, init, xs)
+  model_scale = ui_pre_scale / jnp.sqrt(jnp.maximum(stats["sq"], 1e-24))
+
+  def project_body(carry, x):
+    acc, sq = carry
+    r, s, z = block_terms(x)
+    if use_gumbel:
+      observed = jnp.exp(z - stats["max"][:, None]) / stats["sum"][:, None]
+    else:
+      observed = r / jnp.maximum(counts, 1.0)
+    rows = observed + model_scale[:, None] * s
+    return (acc + rows @ x["f"], sq + jnp.sum(jnp.square(rows), axis=-1)), None
+
+  xs["f"] = _item_blocks(factor, n_blocks, bs)
+  (acc, sq), _ = jax.lax.scan(
+      jax.checkpoint(project_body),
+      (jnp.zeros((b, factor.shape[1]), jnp.float32),
+       jnp.zeros((b,), jnp.float32)), xs)
+  return acc / jnp.sqrt(jnp.maximum(sq, 1e-24))[:, None]

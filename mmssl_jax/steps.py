@@ -87,16 +87,24 @@ def critic_loss(critic_params, config, critic_stats, real_rows, fake_rows,
   penalty reuses the real and fake first-layer outputs
   (`critic.gradient_penalty_from_hidden`). Returns (loss, aux).
   """
+  return critic_loss_from_hidden(
+      critic_params, config, critic_stats,
+      critic_lib.first_layer(critic_params, real_rows),
+      critic_lib.first_layer(critic_params, fake_rows), n_modalities, keys)
+
+
+def critic_loss_from_hidden(critic_params, config, critic_stats, h_real,
+                            h_fake, n_modalities: int, keys):
+  """`critic_loss` given the first-layer outputs of the B real rows (h_real)
+  and the M*B fake rows (h_fake), e.g. from the blockwise fused generator."""
   k_real, k_fake, k_gp, k_alpha = keys
-  h_real = jnp.tile(critic_lib.first_layer(critic_params, real_rows),
-                    (n_modalities, 1))
-  h_fake = critic_lib.first_layer(critic_params, fake_rows)
+  h_real = jnp.tile(h_real, (n_modalities, 1))
   d_real, stats = _critic_head(config, critic_params, critic_stats,
                                k_real)(h_real)
   d_fake, stats = _critic_head(config, critic_params, stats, k_fake)(h_fake)
   gp = critic_lib.gradient_penalty_from_hidden(
       lambda h: _critic_head(config, critic_params, stats, k_gp)(h)[0],
-      h_real, h_fake, critic_params["dense_0"]["kernel"], key=k_alpha)
+      h_real, h_fake, critic_params["dense_0"], key=k_alpha)
   loss = losses.wgan_critic_loss(
       d_real=d_real, d_fake=d_fake, gradient_penalty=gp,
       gp_weight=config.critic.gp_weight * config.critic.gp_rate)
@@ -120,15 +128,26 @@ def _pair_topk(users, top_items, pairing: str):
   raise ValueError(f"unknown graph_update.pairing {pairing!r}")
 
 
+def _top_items(gen_rows, top_items, k: int):
+  """modality -> (B, k) top-k item ids: given, or from the generated rows."""
+  if top_items is not None:
+    return top_items
+  return {m: jax.lax.top_k(rows, k)[1].astype(jnp.int32)
+          for m, rows in gen_rows.items()}
+
+
 def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
                            batch_idx, *, k: int, period: int, pairing: str,
-                           n_users: int, n_items: int):
+                           n_users: int, n_items: int, top_items=None):
   """The released modality-graph regeneration schedule (§4.4).
 
   At a batch index that is a positive multiple of T, rebuild G^m from the
   accumulated pairs (one-sided weights, duplicates summed) and clear the
   lists; the current batch is not added. Otherwise append this batch's top-k
-  pairs. An empty list gives an all-zero graph.
+  pairs. An empty list gives an all-zero graph. `top_items` (modality ->
+  (B, k) ids, from the blockwise generator) replaces the top-k of
+  `gen_rows` (then None). Rebuilt graphs keep the CSR fields only if the
+  current ones have them.
   """
   rebuild = (batch_idx > 0) & (batch_idx % period == 0)
 
@@ -143,16 +162,17 @@ def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
         u = u.at[:n_buf].set(buffer.users[m])
         i = i.at[:n_buf].set(buffer.items[m])
       valid = jnp.arange(capacity) < buffer.length
-      new[m] = graph_lib.sort_graph(u, i, valid, n_users, n_items)
+      new[m] = graph_lib.sort_graph(
+          u, i, valid, n_users, n_items,
+          csr=graphs[m].user_indptr is not None)
     return new, buffer._replace(length=jnp.zeros((), jnp.int32))
 
   def do_append(graphs, buffer):
     if k == 0:
       return graphs, buffer
     bu, bi = dict(buffer.users), dict(buffer.items)
-    for m, rows in gen_rows.items():
-      _, top = jax.lax.top_k(rows, k)
-      pu, pi = _pair_topk(users, top.astype(jnp.int32), pairing)
+    for m, top in _top_items(gen_rows, top_items, k).items():
+      pu, pi = _pair_topk(users, top, pairing)
       bu[m] = jax.lax.dynamic_update_slice(bu[m], pu, (buffer.length,))
       bi[m] = jax.lax.dynamic_update_slice(bi[m], pi, (buffer.length,))
     return graphs, GraphBuffer(bu, bi, buffer.length + users.shape[0] * k)
@@ -162,7 +182,7 @@ def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
 
 def persistent_graph_update(graphs, table: state_lib.TopkTable, gen_rows,
                             users, step, *, k: int, period: int,
-                            n_items: int):
+                            n_items: int, top_items=None):
   """The paper's modality-aware graphs, kept per user (issue: paper variant).
 
   Every step writes each batch user's top-k items of its generated row (per
@@ -170,25 +190,52 @@ def persistent_graph_update(graphs, table: state_lib.TopkTable, gen_rows,
   steps, counting the current one, the graphs are rebuilt from the whole
   table (`graph.topk_table_graph`). Training positives score 0 in the
   masked rows, so they enter only when fewer than k items score above 0.
+  `top_items` as in `reference_graph_update`.
   """
-  items = {m: table.items[m].at[users].set(
-      jax.lax.top_k(rows, k)[1].astype(jnp.int32))
-           for m, rows in gen_rows.items()}
+  items = {m: table.items[m].at[users].set(top)
+           for m, top in _top_items(gen_rows, top_items, k).items()}
   table = state_lib.TopkTable(items, table.refreshed.at[users].set(True))
 
   def rebuild(graphs):
     capacity = next(iter(graphs.values())).n_edges
-    return {m: graph_lib.topk_table_graph(items[m], table.refreshed, n_items,
-                                          capacity) for m in graphs}
+    return {m: graph_lib.topk_table_graph(
+        items[m], table.refreshed, n_items, capacity,
+        csr=graphs[m].user_indptr is not None) for m in graphs}
 
   graphs = jax.lax.cond((step + 1) % period == 0, rebuild, lambda g: g,
                         graphs)
   return graphs, table
 
 
-def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
-                    ) -> Callable:
-  """Returns jitted `step(state, batch_idx, inputs) -> (state, metrics)`."""
+def uses_fused_generator(config: ml_collections.ConfigDict) -> bool:
+  """Whether the step runs the blockwise fused generator + critic.
+
+  Selected by train.generator_block > 0 together with critic.kind='lowrank':
+  generated rows, real rows and the top-k refresh are then computed item
+  block by item block (`graph.fused_generated_rows`,
+  `graph.fused_real_rows`) and no (B, I) array is formed (except for the
+  `rp_gae` ablation's edge likelihood, which needs the raw rows). With the
+  dense critic, generator_block only splits the score product into blocks.
+  """
+  return (config.train.generator_block > 0
+          and config.critic.get("kind", "dense") == "lowrank")
+
+
+def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
+                    batch_constraint: Callable | None = None,
+                    jit: bool = True) -> Callable:
+  """Returns jitted `step(state, batch_idx, inputs) -> (state, metrics)`.
+
+  Args:
+    config: the run config.
+    shapes: static sizes.
+    batch_constraint: applied to every array whose leading axis is the batch
+      (sampled users, positives, negatives, their rows and first-layer
+      outputs); `parallel` passes a sharding constraint over the 'data' mesh
+      axis. None: no constraint.
+    jit: return the jitted step (donating the state); False returns the
+      plain function (`parallel.make_sharded_step` jits it with shardings).
+  """
   hp = model_lib.ModelHParams.from_config(config.model)
   tx = make_optimizer(config.optim)
   critic_tx = make_critic_optimizer(config.critic)
@@ -198,7 +245,9 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
   n_mod = len(shapes.modalities)
   k = topk_k(config, n_items)
   block = config.train.generator_block
+  fused = uses_fused_generator(config)
   adversarial = loss_cfg.adversarial
+  constrain = batch_constraint or (lambda x: x)
   if adversarial not in ("wgan", "none", "edge_likelihood"):
     raise ValueError(f"unknown loss.adversarial {adversarial!r}")
   if gu.schedule not in ("reference", "persistent"):
@@ -209,19 +258,31 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
         f"m_topk_rate={gu.m_topk_rate} gives k = 0 on {n_items} items")
 
   def gen_rows(out, users, interactions):
-    return {m: graph_lib.generated_rows(out.feat_user[m][users],
-                                        out.feat_item[m], interactions,
-                                        block_size=block)
-            for m in shapes.modalities}
+    return {m: constrain(graph_lib.generated_rows(
+        out.feat_user[m][users], out.feat_item[m], interactions,
+        block_size=block)) for m in shapes.modalities}
+
+  def fused_fake(out, users, lists, factor, top_k):
+    """modality -> (projection onto factor, top-k ids), blockwise."""
+    return {m: graph_lib.fused_generated_rows(
+        out.feat_user[m][users], out.feat_item[m], lists, block_size=block,
+        factor=factor, k=top_k) for m in shapes.modalities}
+
+  def first_layer_of_projections(critic_params, projections):
+    return constrain(jnp.concatenate([
+        critic_lib.first_layer_from_projection(critic_params, constrain(z))
+        for z in projections]))
 
   def step(state: TrainState, batch_idx, inputs: StepInputs):
     keys = jax.random.split(state.rng, 10)
     rng, k_sample, k_fwd1, k_gumbel, k_dreal, k_dfake, k_gp, k_gpx, k_fwd2, \
         k_gen = keys
-    users, pos, neg = sampler_lib.sample_batch(
-        k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items)
-    interactions = graph_lib.dense_rows(inputs.sampler.train_lists[users],
-                                        n_items)
+    users, pos, neg = map(constrain, sampler_lib.sample_batch(
+        k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items))
+    lists = constrain(inputs.sampler.train_lists[users])
+    interactions = None
+    if not fused or adversarial == "edge_likelihood":
+      interactions = constrain(graph_lib.dense_rows(lists, n_items))
     forward = lambda p, key: model_lib.forward(
         p, inputs.graph, inputs.features, state.modality_graphs, key=key,
         train=True, hp=hp)
@@ -232,20 +293,39 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
     critic_stats = state.critic_stats
     if adversarial == "wgan":
       out = jax.lax.stop_gradient(forward(state.params, k_fwd1))
-      fake = jnp.concatenate(list(gen_rows(out, users, interactions).values()))
-      model_rows = graph_lib.generated_rows(out.user[users], out.item,
-                                            interactions, block_size=block)
-      real = losses.gumbel_real_rows(
-          key=k_gumbel, interactions=interactions, model_rows=model_rows,
-          gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
-          ui_pre_scale=loss_cfg.ui_pre_scale,
-          use_gumbel=loss_cfg.gumbel_transform,
-          log_logits=loss_cfg.gumbel_log_logits)
-      real = jax.lax.stop_gradient(real)
+      d_keys = (k_dreal, k_dfake, k_gp, k_gpx)
+      if fused:
+        def d_loss_fn(cp):
+          factor = critic_lib.first_layer_factor(cp)
+          z_real = graph_lib.fused_real_rows(
+              k_gumbel, out.user[users], out.item, lists, factor,
+              block_size=block, gumbel_scale=loss_cfg.gumbel_scale,
+              tau=loss_cfg.real_data_tau, ui_pre_scale=loss_cfg.ui_pre_scale,
+              use_gumbel=loss_cfg.gumbel_transform,
+              log_logits=loss_cfg.gumbel_log_logits)
+          h_real = constrain(critic_lib.first_layer_from_projection(
+              cp, constrain(z_real)))
+          fake = fused_fake(out, users, lists, factor, 0)
+          h_fake = first_layer_of_projections(
+              cp, [z for z, _ in fake.values()])
+          return critic_loss_from_hidden(cp, config, critic_stats, h_real,
+                                         h_fake, n_mod, d_keys)
+      else:
+        fake = jnp.concatenate(
+            list(gen_rows(out, users, interactions).values()))
+        model_rows = graph_lib.generated_rows(out.user[users], out.item,
+                                              interactions, block_size=block)
+        real = losses.gumbel_real_rows(
+            key=k_gumbel, interactions=interactions, model_rows=model_rows,
+            gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
+            ui_pre_scale=loss_cfg.ui_pre_scale,
+            use_gumbel=loss_cfg.gumbel_transform,
+            log_logits=loss_cfg.gumbel_log_logits)
+        real = constrain(jax.lax.stop_gradient(real))
+        d_loss_fn = lambda cp: critic_loss(cp, config, critic_stats, real,
+                                           fake, n_mod, d_keys)
       (d_loss, (critic_stats, d_real, d_fake, gp)), grads = (
-          jax.value_and_grad(critic_loss, has_aux=True)(
-              critic_params, config, critic_stats, real, fake, n_mod,
-              (k_dreal, k_dfake, k_gp, k_gpx)))
+          jax.value_and_grad(d_loss_fn, has_aux=True)(critic_params))
       updates, critic_opt_state = critic_tx.update(grads, critic_opt_state,
                                                    critic_params)
       critic_params = optax.apply_updates(critic_params, updates)
@@ -271,11 +351,24 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
             losses.infonce(anchor=out.modality_user[m][users], positive=u,
                            tau=loss_cfg.tau) for m in shapes.modalities)
         total = total + loss_cfg.cl_rate * terms["cl"]
-      rows = gen_rows(out, users, interactions)
+      if fused:
+        factor = (critic_lib.first_layer_factor(critic_params)
+                  if adversarial == "wgan" else None)
+        fake = fused_fake(out, users, lists, factor, k)
+        rows = None
+        top = {m: t for m, (_, t) in fake.items()} if k else None
+      else:
+        rows = gen_rows(out, users, interactions)
+        top = None
       if adversarial == "wgan":
-        fake_rows = jnp.concatenate(list(rows.values()))
+        if fused:
+          h_gen = first_layer_of_projections(
+              critic_params, [z for z, _ in fake.values()])
+        else:
+          h_gen = critic_lib.first_layer(
+              critic_params, jnp.concatenate(list(rows.values())))
         d_gen, _ = _critic_head(config, critic_params, critic_stats, k_gen)(
-            critic_lib.first_layer(critic_params, fake_rows))
+            h_gen)
         terms["gen"] = losses.wgan_generator_loss(d_fake=d_gen)
         total = total + loss_cfg.g_rate * terms["gen"]
       elif adversarial == "edge_likelihood":
@@ -285,23 +378,24 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
                 interactions=interactions) for m in shapes.modalities)
         total = total + loss_cfg.g_rate * terms["gen"]
       terms["loss"] = total
-      return total, (terms, jax.lax.stop_gradient(rows))
+      return total, (terms, jax.lax.stop_gradient((rows, top)))
 
-    (_, (terms, rows)), grads = jax.value_and_grad(rec_loss, has_aux=True)(
-        state.params)
+    (_, (terms, (rows, top))), grads = jax.value_and_grad(
+        rec_loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics.update(terms)
 
     if gu.schedule == "reference":
+      graph_kw = {} if top is None else {"top_items": top}
       graphs, buffer = reference_graph_update(
           state.modality_graphs, state.graph_buffer, rows, users, batch_idx,
           k=k, period=gu.T, pairing=gu.pairing, n_users=n_users,
-          n_items=n_items)
+          n_items=n_items, **graph_kw)
     else:
       graphs, buffer = persistent_graph_update(
           state.modality_graphs, state.graph_buffer, rows, users, state.step,
-          k=k, period=gu.T, n_items=n_items)
+          k=k, period=gu.T, n_items=n_items, top_items=top)
     new_state = TrainState(
         step=state.step + 1, rng=rng, params=params, opt_state=opt_state,
         critic_params=critic_params, critic_opt_state=critic_opt_state,
@@ -309,21 +403,26 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes
         graph_buffer=buffer)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  return jax.jit(step, donate_argnums=0) if jit else step
 
 
-def make_lightgcn_step(config: ml_collections.ConfigDict, shapes: Shapes
-                       ) -> Callable:
-  """LightGCN: BPR + L2 on the batch's ego embeddings, Adam."""
+def make_lightgcn_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
+                       batch_constraint: Callable | None = None,
+                       jit: bool = True) -> Callable:
+  """LightGCN: BPR + L2 on the batch's ego embeddings, Adam.
+
+  batch_constraint and jit as in `make_mmssl_step`.
+  """
   tx = make_optimizer(config.optim)
   batch_size, n_items = config.train.batch_size, shapes.n_items
   n_layers = config.model.lightgcn_layers
+  constrain = batch_constraint or (lambda x: x)
 
   def step(state: TrainState, batch_idx, inputs: StepInputs):
     del batch_idx
     rng, k_sample = jax.random.split(state.rng)
-    users, pos, neg = sampler_lib.sample_batch(
-        k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items)
+    users, pos, neg = map(constrain, sampler_lib.sample_batch(
+        k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items))
 
     def loss_fn(params):
       user, item = model_lib.lightgcn_forward(params, inputs.graph, n_layers)
@@ -343,7 +442,7 @@ def make_lightgcn_step(config: ml_collections.ConfigDict, shapes: Shapes
     return state._replace(step=state.step + 1, rng=rng, params=params,
                           opt_state=opt_state), terms
 
-  return jax.jit(step, donate_argnums=0)
+  return jax.jit(step, donate_argnums=0) if jit else step
 
 
 def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
@@ -363,8 +462,10 @@ def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
       modality_dims=modality_dims, hp=hp)
   critic_params = critic_opt_state = critic_stats = None
   if config.loss.adversarial == "wgan":
-    critic_params = critic_lib.init_dense_critic(
-        k_critic, shapes.n_items, hidden=tuple(config.critic.hidden) or None,
+    critic_params = critic_lib.init_critic(
+        k_critic, shapes.n_items, kind=config.critic.get("kind", "dense"),
+        rank=config.critic.get("rank", 64),
+        hidden=tuple(config.critic.hidden) or None,
         batch_norm=config.critic.batch_norm)
     critic_stats = critic_lib.init_critic_batch_stats(critic_params)
     critic_opt_state = make_critic_optimizer(config.critic).init(critic_params)
@@ -373,7 +474,9 @@ def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
     cap = shapes.n_users * k
     buffer = state_lib.empty_table(shapes.modalities, shapes.n_users, k)
   else:
-    cap = buffer_capacity(config, shapes.n_items)
+    # k = 0 (Baby settings) never appends; a one-slot buffer keeps every
+    # state leaf non-empty (orbax cannot save zero-size arrays).
+    cap = max(buffer_capacity(config, shapes.n_items), 1)
     buffer = state_lib.empty_buffer(shapes.modalities, cap)
   graphs = state_lib.initial_modality_graphs(
       base_graph, shapes.modalities,
