@@ -23,6 +23,7 @@ from mmssl_jax import evaluation
 from mmssl_jax import train
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("output", None, "Also write the JSON to this file.")
 config_flags.DEFINE_config_file("config", "configs/default.py", "Config.")
 KEYS = ("recall@20", "ndcg@20", "precision@20")
 
@@ -55,6 +56,9 @@ def main(argv):
                  "best_epoch": result["best_epoch"],
                  "epochs": result["epochs"], "seconds": time.time() - t0}
   print(json.dumps(out))
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
+      f.write(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

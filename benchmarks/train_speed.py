@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from mmssl_jax import train
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("output", None, "Also write the JSON to this file.")
 config_flags.DEFINE_config_file("config", None, "Config file.")
 flags.DEFINE_integer("iters", 10, "Timed iterations.")
 flags.DEFINE_bool("split", True, "Also time the step without the critic.")
@@ -72,6 +73,9 @@ def main(argv):
   out["peak_rss_gib"] = resource.getrusage(
       resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(json.dumps(out))
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
+      f.write(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
