@@ -44,6 +44,12 @@ flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl "
 config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument "
     "(configs/tiktok.py:variant=wo_cl).", lock_config=True)
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
+                  "(auto-detects TPU pods and SLURM).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for "
+                    "jax.distributed (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+flags.DEFINE_integer("process_id", None, "This process's id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -82,6 +88,17 @@ def main(argv):
     if not set_deterministic_xla_flags():
       logging.warning("JAX was initialised before XLA_FLAGS was set: "
                       "train.deterministic has no effect")
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.initialize_distributed(FLAGS.coordinator_address,
+                                    FLAGS.num_processes, FLAGS.process_id)
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      # The sharded step itself works across processes (tests/test_parallel.py,
+      # launch/distributed_step.py); the loop's files and checkpoints are not
+      # yet written by process 0 / collectively.
+      _fail("multi-process training through main is not supported yet: "
+            "use launch/distributed_step.py", 1)
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
   except checkpointing.Preempted as e:

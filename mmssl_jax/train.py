@@ -249,6 +249,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("config field %s changed from %r to %r", field, old, new)
   logging.info("%s", ds.summary())
   run = Run(config, ds)
+  if int(config.train.get("data_parallel", 1)) != 1:
+    from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
+    try:
+      parallel.shard_run(run, parallel.make_mesh(config))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   state = run.init_state()
   logging.info("model %s (%s), %d recommender parameters%s, %d steps/epoch",
                config.model.name, config.variant,
