@@ -7,7 +7,6 @@ ranks by item popularity; prints one JSON line with test metrics at best
 validation and wall-clock seconds of each.
 """
 
-import json
 import tempfile
 import time
 
@@ -21,6 +20,8 @@ import numpy as np
 from mmssl_jax import config_lib
 from mmssl_jax import evaluation
 from mmssl_jax import train
+
+import results_io  # benchmarks/results_io.py (run as a script)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Also write the JSON to this file.")
@@ -55,10 +56,7 @@ def main(argv):
     out[name] = {**{k: result["test"][k] for k in KEYS},
                  "best_epoch": result["best_epoch"],
                  "epochs": result["epochs"], "seconds": time.time() - t0}
-  print(json.dumps(out))
-  if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      f.write(json.dumps(out, indent=1) + "\n")
+  results_io.emit(out, FLAGS.output)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from ml_collections import config_flags
 
 from mmssl_jax import train
 
+import results_io  # benchmarks/results_io.py (run as a script)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.")
 flags.DEFINE_string("workdir", None, "Run directory (resumed or summarised).")
@@ -78,12 +80,7 @@ def main(argv):
          "jax": jax.__version__,
          "date": datetime.date.today().isoformat(),
          **summarise(workdir)}
-  line = json.dumps(out)
-  print(line)
-  if FLAGS.output:
-    os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-      f.write(json.dumps(out, indent=1) + "\n")
+  results_io.emit(out, FLAGS.output)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ same step is also timed with `loss.adversarial='none'` (no critic update, no
 generator loss): `critic_and_generator_s` is the difference.
 """
 
-import json
 import resource
 import time
 
@@ -19,6 +18,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from mmssl_jax import train
+
+import results_io  # benchmarks/results_io.py (run as a script)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Also write the JSON to this file.")
@@ -72,10 +73,7 @@ def main(argv):
     out["critic_and_generator_s"] = full["iter_s_median"] - rec["iter_s_median"]
   out["peak_rss_gib"] = resource.getrusage(
       resource.RUSAGE_SELF).ru_maxrss / 2**20
-  print(json.dumps(out))
-  if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      f.write(json.dumps(out, indent=1) + "\n")
+  results_io.emit(out, FLAGS.output)
 
 
 if __name__ == "__main__":
