@@ -35,7 +35,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any, Sequence
 
@@ -45,6 +44,7 @@ import jax
 import numpy as np
 
 from mmssl_jax import model as model_lib
+from mmssl_jax.data import print_error
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -190,14 +190,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
   }
 
 
-def _error(message) -> int:
-  print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
-  return 1
-
 
 def main(argv: Sequence[str], f: dict[str, flags.FlagHolder]) -> int:
   if len(argv) > 1:
-    return _error(f"unexpected arguments: {' '.join(argv[1:])}")
+    return print_error(f"unexpected arguments: {' '.join(argv[1:])}")
   from mmssl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from mmssl_jax import recommend  # pylint: disable=g-import-not-at-top
   from mmssl_jax import train  # pylint: disable=g-import-not-at-top
@@ -213,7 +209,7 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder]) -> int:
   except (ExportError, recommend.UserError, DataError, train.ConfigError,
           checkpointing.ConfigMismatchError, FileNotFoundError,
           FileExistsError, OSError, ValueError) as e:
-    return _error(e)
+    return print_error(e)
   finally:
     quiet.close()
   for name, info in manifest["files"].items():
@@ -231,7 +227,7 @@ def run_cli(args: Sequence[str]) -> int:
   try:
     rest = fv(["mmssl_jax.export", *args])
   except flags.Error as e:
-    return _error(e)
+    return print_error(e)
   return main(rest, f)
 
 

@@ -36,7 +36,7 @@ from ml_collections import config_flags
 
 from mmssl_jax import checkpointing
 from mmssl_jax import train
-from mmssl_jax.data import DataError
+from mmssl_jax.data import DataError, print_error
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl "
@@ -75,7 +75,7 @@ def set_deterministic_xla_flags(environ=os.environ) -> bool:
 
 
 def _fail(message: str, status: int) -> None:
-  print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
+  print_error(message)
   sys.exit(status)
 
 

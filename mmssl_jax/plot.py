@@ -27,11 +27,12 @@ import json
 import math
 import os
 from pathlib import Path
-import sys
 from typing import Any, NamedTuple, Sequence
 
 from absl import app
 from absl import flags
+
+from mmssl_jax.data import print_error
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_KEYS = ("train/loss", "train/bpr", "train/cl", "train/critic", "train/gen",
@@ -222,8 +223,7 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder]) -> int:
   try:
     paths = plot_runs(f["workdir"].value, f["output"].value, f["labels"].value)
   except (ImportError, OSError, ValueError) as e:
-    print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-    return 1
+    return print_error(e)
   for p in paths:
     print(p)
   return 0

@@ -53,6 +53,8 @@ from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
+from mmssl_jax.data import print_error
+
 FORMATS = ("table", "csv", "json")
 EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "json",
               ".ndjson": "json"}
@@ -379,10 +381,6 @@ class quiet_orbax_warnings:  # pylint: disable=invalid-name
     self._logger.removeFilter(self._filter)
 
 
-def _error(message) -> int:
-  print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
-  return 1
-
 
 def _requested_users(f) -> list[int] | None:
   """The ids of --users/--users-file (None for --all-users)."""
@@ -413,7 +411,7 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder], *,
          stdout: TextIO | None = None) -> int:
   """Runs the command for parsed flags `f`; returns the exit status."""
   if len(argv) > 1:
-    return _error(f"unexpected arguments: {' '.join(argv[1:])}")
+    return print_error(f"unexpected arguments: {' '.join(argv[1:])}")
   stdout = sys.stdout if stdout is None else stdout
   from mmssl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from mmssl_jax import train  # pylint: disable=g-import-not-at-top
@@ -457,7 +455,7 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder], *,
   except (UserError, DataError, train.ConfigError,
           checkpointing.ConfigMismatchError, FileNotFoundError,
           FileExistsError, OSError, ValueError) as e:
-    return _error(e)
+    return print_error(e)
   finally:
     quiet.close()
     if out is not None:
@@ -473,7 +471,7 @@ def run_cli(args: Sequence[str], *, stdout: TextIO | None = None) -> int:
   try:
     rest = fv(["mmssl_jax.recommend", *args])
   except flags.Error as e:
-    return _error(e)
+    return print_error(e)
   return main(rest, f, stdout=stdout)
 
 

@@ -9,14 +9,13 @@ data prints `error: <message>` on one line and exits with status 1.
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
 
 from mmssl_jax.data import formats
-from mmssl_jax.data.dataset import DataError
+from mmssl_jax.data.dataset import DataError, print_error
 
 _INPUT = flags.DEFINE_string("input", None, "Dataset folder to read.",
                              required=True)
@@ -40,8 +39,7 @@ def main(argv: Sequence[str]) -> int:
                              modalities=_MODALITIES.value)
     write(ds, _OUTPUT.value)
   except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return print_error(e)
   print(ds.summary())
   return 0
 

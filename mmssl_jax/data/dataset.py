@@ -8,6 +8,7 @@ once (`mmssl_jax.graph`) and the arrays are then passed into jitted code.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Mapping
 
 import numpy as np
@@ -19,6 +20,15 @@ class DataError(ValueError):
   The message is one line that names the offending file (or dataset) and the
   problem; `main` prints it without a traceback and exits non-zero.
   """
+
+
+def print_error(message) -> int:
+  """Prints `error: <message>` as one line on stderr; returns exit status 1.
+
+  Every CLI of the package reports user errors this way (no traceback).
+  """
+  print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
+  return 1
 
 
 @dataclasses.dataclass(frozen=True)

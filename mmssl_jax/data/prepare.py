@@ -52,7 +52,6 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-import sys
 from typing import Mapping, NamedTuple, Sequence
 
 from absl import app
@@ -61,7 +60,7 @@ import numpy as np
 
 from mmssl_jax.data import formats
 from mmssl_jax.data import validate
-from mmssl_jax.data.dataset import DataError, Dataset, Split
+from mmssl_jax.data.dataset import DataError, Dataset, Split, print_error
 from mmssl_jax.data.validate import error
 
 SPLITS = ("random", "chronological")
@@ -553,8 +552,7 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder]) -> int:
         name=f["name"].value or Path(os.path.abspath(output)).name)
     write_prepared(prepared, output, format=f["format"].value)
   except (DataError, ValueError, OSError) as e:
-    print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-    return 1
+    return print_error(e)
   print(TABLE_HEADER)
   print(statistics_row(prepared.dataset))
   print(describe(prepared, f["kcore"].value))
