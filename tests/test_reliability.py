@@ -23,20 +23,10 @@ import helpers
 from mmssl_jax import checkpointing
 from mmssl_jax import config_lib
 from mmssl_jax import main as main_lib
-from mmssl_jax import steps
 from mmssl_jax import train
-from test_checkpointing import StepHooks
+from test_checkpointing import hooks_fixture  # noqa: F401 (the `hooks` fixture)
 
 CLI_TIMEOUT_S = 300
-
-
-@pytest.fixture(scope="module", name="hooks")
-def hooks_fixture():
-  hooks = StepHooks()
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(steps, "jax", helpers.JaxWithFastJit())
-    mp.setattr(steps, "make_mmssl_step", hooks.make)
-    yield hooks
 
 
 def _config(**train_fields):
