@@ -11,7 +11,6 @@ per training epoch, the validation/test trajectory, machine and date.
 """
 
 import datetime
-import json
 import os
 import platform
 
@@ -21,6 +20,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mmssl_jax import checkpointing
 from mmssl_jax import train
 
 import results_io  # benchmarks/results_io.py (run as a script)
@@ -36,8 +36,8 @@ KEYS = ("recall@20", "precision@20", "ndcg@20", "ndcg_mmssl@20", "recall@10",
 
 
 def summarise(workdir: str) -> dict:
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))
-             if l.strip()]
+  records = checkpointing.read_records(
+      os.path.join(workdir, checkpointing.METRICS_FILE))
   epochs = [r for r in records if "epoch" in r and not r.get("final")]
   final = next((r for r in records if r.get("final")), None)
   best = max((r for r in epochs if "val/recall@20" in r),
@@ -64,10 +64,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   workdir = FLAGS.workdir
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  done = os.path.exists(metrics) and any(
-      json.loads(l).get("final") for l in open(metrics) if l.strip())
-  if not done:
+  # A finished workdir is only summarised (even if written by an older
+  # version whose config.json lacks newer fields).
+  records = checkpointing.read_records(
+      os.path.join(workdir, checkpointing.METRICS_FILE))
+  if not any(r.get("final") for r in records):
     train.train_and_evaluate(FLAGS.config, workdir)
   out = {"benchmark": "reproduce", "workdir": workdir,
          "model": FLAGS.config.model.name,
