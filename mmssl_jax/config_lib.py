@@ -109,6 +109,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Devices on the 'data' mesh axis (batch users; `parallel.py`):
   # 1 = unsharded (the default single-device path), 0 = all devices.
   c.train.data_parallel = 1
+  # Devices on the 'item' mesh axis (issue #5 item 2; `parallel.py`): the
+  # item embeddings and their optimiser moments, the raw features, the
+  # critic's I-sized first-layer factor and the generated rows' item axis are
+  # split over it. 1 = off. The mesh is (data_parallel, item_parallel);
+  # n_items must be a multiple of item_parallel (no padding: a ConfigError
+  # names both numbers), and so must train.generator_block when > 0.
+  c.train.item_parallel = 1
   c.train.checkpoint_keep = 3  # last N checkpoints kept, plus the best one
   c.train.nan_check_every_steps = 1  # NaN guard: test loss terms every N steps
   # GPU only: main sets XLA_FLAGS=--xla_gpu_deterministic_ops=true (slower

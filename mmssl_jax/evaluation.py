@@ -21,6 +21,20 @@ Users are processed in blocks of `block_users` inside one jitted function
 (`jax.lax.map` over blocks), so at most block_users x n_items scores exist at a
 time. Ties: `jax.lax.top_k` returns the lower item index first among equal
 scores (the reference's `heapq.nlargest` order on ties is not reproduced).
+
+At scale (issue #5 item 4), `evaluate(..., mesh=)` with an 'item' mesh axis
+of more than one device ranks item-sharded: inside `jax.shard_map`, each
+device scores its users of the block (split over 'data') against its item
+shard only, masks the excluded items of that shard, keeps a local top-K,
+and the n_item_shards * K candidates are all-gathered over 'item' and
+merged by a second top-K (`sharded_topk_items`). No device holds the full
+block x I scores. The merge returns exactly the unsharded top-K, ties
+included: candidates are gathered in shard order, so among equal scores a
+lower position is a lower global item id, the order `jax.lax.top_k` uses on
+the whole row; and every item of the global top-K (value descending, id
+ascending) is within its own shard's top-K under the same order. The metric
+means then differ from the unsharded ones only by the order of the float
+sums over users (data-sharded partial sums).
 """
 
 from __future__ import annotations
@@ -30,11 +44,14 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from mmssl_jax.data.dataset import Split
 
 METRICS = ("recall", "precision", "hit", "ndcg", "ndcg_mmssl")
+# Mesh axis names of `parallel.make_mesh`.
+DATA_AXIS, ITEM_AXIS = "data", "item"
 
 
 class EvalSet(NamedTuple):
@@ -197,8 +214,121 @@ def _evaluate_blocks(user_emb: jax.Array, item_emb: jax.Array,
   return jnp.sum(sums, axis=0) / jnp.maximum(eval_set.n_users, 1)
 
 
+# ----------------------------------------------------------------------------
+# Item-sharded ranking (issue #5 item 4; see the module docstring)
+
+
+def _local_cols(lists: jax.Array, offset, n_local: int) -> jax.Array:
+  """Global item lists (-1 padded) -> columns of this shard, n_local if out."""
+  local = lists - offset
+  inside = (lists >= 0) & (local >= 0) & (local < n_local)
+  return jnp.where(inside, local, n_local)
+
+
+def _shard_topk(user_rows: jax.Array, item_local: jax.Array,
+                exclude_lists: jax.Array, targets: jax.Array | None, k: int):
+  """Inside `shard_map` over 'item': the global top-k from the local shard.
+
+  Returns (scores, ids, hits) (b, k) as `topk_items` (hits: whether each id
+  is in `targets`, or None), identical on every item shard.
+  """
+  n_local = item_local.shape[0]
+  offset = jax.lax.axis_index(ITEM_AXIS) * n_local
+  rows = jnp.arange(user_rows.shape[0])[:, None]
+  scores = user_rows @ item_local.T
+  scores = scores.at[rows, _local_cols(exclude_lists, offset, n_local)].set(
+      -jnp.inf, mode="drop")
+  # A shard with fewer than k items offers all of them.
+  values, local_ids = jax.lax.top_k(scores, min(k, n_local))
+  # Shard order along the gathered axis keeps lower global ids first among
+  # equal scores (module docstring).
+  gather = lambda x: jax.lax.all_gather(x, ITEM_AXIS, axis=1, tiled=True,
+                                        to="invarying")
+  cand_v = gather(values)
+  cand_i = gather(local_ids + offset)
+  top_v, pos = jax.lax.top_k(cand_v, k)
+  found = ~jnp.isneginf(top_v)
+  top_i = jnp.where(found, jnp.take_along_axis(cand_i, pos, axis=1), -1)
+  hits = None
+  if targets is not None:
+    is_target = jnp.zeros(scores.shape, bool).at[
+        rows, _local_cols(targets, offset, n_local)].set(True, mode="drop")
+    cand_h = gather(jnp.take_along_axis(is_target, local_ids, axis=1))
+    hits = jnp.take_along_axis(cand_h, pos, axis=1) & found
+  return top_v, top_i, hits
+
+
+def _check_item_mesh(n_items: int, mesh) -> int:
+  n = int(dict(mesh.shape).get(ITEM_AXIS, 1))
+  if n_items % n:
+    raise ValueError(f"item-sharded evaluation: {n_items} items are not a "
+                     f"multiple of the {n} devices of the item axis")
+  return n
+
+
+@functools.partial(jax.jit, static_argnames=("k", "mesh"))
+def sharded_topk_items(user_emb: jax.Array, item_emb: jax.Array,
+                       users: jax.Array, exclude_lists: jax.Array, *, k: int,
+                       mesh) -> tuple[jax.Array, jax.Array]:
+  """`topk_items` with the items split over the mesh's 'item' axis.
+
+  Same arguments and result (bit-identical ids, ties included); users are
+  also split over 'data' when their number is a multiple of it. n_items
+  must be a multiple of the item axis size.
+  """
+  _check_item_mesh(item_emb.shape[0], mesh)
+  rows = P(DATA_AXIS) if users.shape[0] % mesh.shape[DATA_AXIS] == 0 else P()
+
+  def body(user_emb, item_local, users, exclude):
+    top_v, top_i, _ = _shard_topk(user_emb[users], item_local, exclude, None,
+                                  k)
+    return top_v, top_i
+
+  return jax.shard_map(
+      body, mesh=mesh, in_specs=(P(), P(ITEM_AXIS), rows, rows),
+      out_specs=(rows, rows))(user_emb, item_emb, users, exclude_lists)
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "mesh"))
+def _evaluate_blocks_sharded(user_emb: jax.Array, item_emb: jax.Array,
+                             eval_set: EvalSet, ks: tuple[int, ...],
+                             mesh) -> jax.Array:
+  """`_evaluate_blocks` with items over 'item' and block users over 'data'.
+
+  Hits are looked up on each item shard for its own candidates (a
+  (b, I / n_item_shards) mask, like the scores) and travel with them, so
+  no (b, I) array exists on any device.
+  """
+  k_max = max(ks)
+  split = eval_set.users.shape[1] % mesh.shape[DATA_AXIS] == 0
+  users_spec = P(None, DATA_AXIS) if split else P()
+
+  def body(user_emb, item_local, users, valid, targets, exclude, n_users):
+    def block_sums(block):
+      users, valid, targets, exclude = block
+      _, _, hits = _shard_topk(user_emb[users], item_local, exclude, targets,
+                               k_max)
+      n_targets = jnp.sum(targets >= 0, axis=1)
+      metrics = _user_metrics(hits.astype(jnp.float32), n_targets, ks)
+      return jnp.sum(jnp.where(valid[:, None, None], metrics, 0.0), axis=0)
+
+    sums = jnp.sum(jax.lax.map(block_sums, (users, valid, targets, exclude)),
+                   axis=0)
+    if split:
+      sums = jax.lax.psum(sums, DATA_AXIS)
+    return sums / jnp.maximum(n_users, 1)
+
+  return jax.shard_map(
+      body, mesh=mesh,
+      in_specs=(P(), P(ITEM_AXIS), users_spec, users_spec, users_spec,
+                users_spec, P()),
+      out_specs=P())(user_emb, item_emb, eval_set.users, eval_set.valid,
+                     eval_set.targets, eval_set.exclude, eval_set.n_users)
+
+
 def evaluate(user_emb: jax.Array, item_emb: jax.Array, eval_set: EvalSet, *,
-             ks: Sequence[int] = (10, 20, 50)) -> dict[str, float]:
+             ks: Sequence[int] = (10, 20, 50),
+             mesh=None) -> dict[str, float]:
   """Full-ranking metrics of dot-product scores, averaged over evaluated users.
 
   Args:
@@ -206,6 +336,10 @@ def evaluate(user_emb: jax.Array, item_emb: jax.Array, eval_set: EvalSet, *,
     item_emb: float (n_items, d) final item embeddings.
     eval_set: from `build_eval_set` with the same n_items.
     ks: cut-offs; the top max(ks) items are ranked (max(ks) <= n_items).
+    mesh: a `parallel.make_mesh` mesh; with more than one device on its
+      'item' axis, ranking is item-sharded (`_evaluate_blocks_sharded`;
+      n_items must be a multiple of that axis). None: `_evaluate_blocks`
+      (which follows the shardings of its inputs).
 
   Returns:
     Python floats keyed `recall@K`, `precision@K` (hits / K), `hit@K`,
@@ -217,7 +351,12 @@ def evaluate(user_emb: jax.Array, item_emb: jax.Array, eval_set: EvalSet, *,
   if not ks or min(ks) < 1 or max(ks) > item_emb.shape[0]:
     raise ValueError(f"ks must lie in [1, n_items={item_emb.shape[0]}], "
                      f"got {ks}")
-  means = np.asarray(_evaluate_blocks(user_emb, item_emb, eval_set, ks=ks))
+  if mesh is not None and _check_item_mesh(item_emb.shape[0], mesh) > 1:
+    means = _evaluate_blocks_sharded(user_emb, item_emb, eval_set, ks=ks,
+                                     mesh=mesh)
+  else:
+    means = _evaluate_blocks(user_emb, item_emb, eval_set, ks=ks)
+  means = np.asarray(means)
   out = {f"{name}@{k}": float(means[i, j])
          for i, k in enumerate(ks) for j, name in enumerate(METRICS)}
   out["n_users"] = int(eval_set.n_users)

@@ -333,6 +333,22 @@ def generated_rows(user_repr: jax.Array, item_repr: jax.Array,
 # rematerialised (`jax.checkpoint`) so that reverse-mode differentiation does
 # not store the per-block (B, block_size) scores either: the backward pass
 # recomputes them block by block.
+#
+# Item sharding (issue #5 item 2, `parallel.py`): `block_constraint` is
+# applied to the stacked item blocks (n_blocks, block_size, ...) and
+# `row_constraint` to each (B, block_size) block of scores, so that every
+# device computes its (B / data, block_size / item) share of each block; the
+# per-row accumulators are then summed over 'item' by XLA. None: no
+# constraint (one device, or data parallelism only). A block's items are not
+# one shard's contiguous items, so XLA re-lays out the item-sharded (I, d)
+# representations and (I, r) factor into blocks with an all-gather per step
+# (transient, O(I * (d + r)) per device); a shard-local block order would
+# avoid it but would change which Gumbel draws (`block_uniform`) each item
+# gets and the running top-k's tie order, i.e. the results.
+
+
+def _identity(x):
+  return x
 
 
 def _item_blocks(x: jax.Array, n_blocks: int, block_size: int) -> jax.Array:
@@ -377,7 +393,8 @@ def _merge_topk(top_v, top_i, values, cols, k: int):
 
 def fused_generated_rows(user_repr: jax.Array, item_repr: jax.Array,
                          item_lists: jax.Array, *, block_size: int,
-                         factor: jax.Array | None = None, k: int = 0):
+                         factor: jax.Array | None = None, k: int = 0,
+                         row_constraint=None, block_constraint=None):
   """`generated_rows` projected onto `factor`, and its top-k, blockwise.
 
   With S = (P Q^T) * (1 - R) (§3.4) and F = factor (I, r), returns
@@ -398,6 +415,9 @@ def fused_generated_rows(user_repr: jax.Array, item_repr: jax.Array,
     block_size: items per block.
     factor: F (I, r) or None (no projection).
     k: top-k size (0: none).
+    row_constraint, block_constraint: sharding constraints (x -> x) of the
+      (B, block_size) score blocks and of the stacked item blocks (see the
+      section comment); None: none.
 
   Returns:
     (projection (B, r) or None, top-k item ids (B, k) int32 or None).
@@ -405,11 +425,13 @@ def fused_generated_rows(user_repr: jax.Array, item_repr: jax.Array,
   n_items = item_repr.shape[0]
   n_blocks, bs = _n_blocks(n_items, block_size)
   b = user_repr.shape[0]
-  xs = {"q": _item_blocks(item_repr, n_blocks, bs),
+  rows_c = row_constraint or _identity
+  blocks_c = block_constraint or _identity
+  xs = {"q": blocks_c(_item_blocks(item_repr, n_blocks, bs)),
         "start": jnp.arange(n_blocks, dtype=jnp.int32) * bs}
   carry = {}
   if factor is not None:
-    xs["f"] = _item_blocks(factor, n_blocks, bs)
+    xs["f"] = blocks_c(_item_blocks(factor, n_blocks, bs))
     carry["acc"] = jnp.zeros((b, factor.shape[1]), jnp.float32)
     carry["sq"] = jnp.zeros((b,), jnp.float32)
   if k:
@@ -417,8 +439,8 @@ def fused_generated_rows(user_repr: jax.Array, item_repr: jax.Array,
     carry["top_i"] = jnp.full((b, k), -1, jnp.int32)
 
   def body(carry, x):
-    s = user_repr @ x["q"].T
-    s = s * (1.0 - interaction_block(item_lists, x["start"], bs))
+    s = rows_c(user_repr @ x["q"].T)
+    s = rows_c(s * (1.0 - interaction_block(item_lists, x["start"], bs)))
     carry = dict(carry)
     if factor is not None:
       carry["acc"] = carry["acc"] + s @ x["f"]
@@ -458,8 +480,8 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
                     item_repr: jax.Array, item_lists: jax.Array,
                     factor: jax.Array, *, block_size: int,
                     gumbel_scale: float, tau: float, ui_pre_scale: float,
-                    use_gumbel: bool = True,
-                    log_logits: bool = False) -> jax.Array:
+                    use_gumbel: bool = True, log_logits: bool = False,
+                    row_constraint=None, block_constraint=None) -> jax.Array:
   """n(x_r) F for the critic's "real" rows (§3.5), blockwise, no (B, I) array.
 
   x_r = softmax_i((logits + s_g g) / tau) + kappa * n(S), S the masked model
@@ -481,6 +503,7 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
     factor: F (I, r).
     block_size, gumbel_scale, tau, ui_pre_scale, use_gumbel, log_logits: as
       `losses.gumbel_real_rows` (block_size: items per block).
+    row_constraint, block_constraint: as `fused_generated_rows`.
   """
   n_items = item_repr.shape[0]
   n_blocks, bs = _n_blocks(n_items, block_size)
@@ -488,13 +511,15 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
   counts = jnp.sum(item_lists >= 0, axis=1).astype(jnp.float32)[:, None]
   user_repr = jax.lax.stop_gradient(user_repr)
   item_repr = jax.lax.stop_gradient(item_repr)
-  xs = {"q": _item_blocks(item_repr, n_blocks, bs),
+  rows_c = row_constraint or _identity
+  blocks_c = block_constraint or _identity
+  xs = {"q": blocks_c(_item_blocks(item_repr, n_blocks, bs)),
         "j": jnp.arange(n_blocks, dtype=jnp.int32)}
 
   def block_terms(x):
     start = x["j"] * bs
-    r = interaction_block(item_lists, start, bs)
-    s = (user_repr @ x["q"].T) * (1.0 - r)
+    r = rows_c(interaction_block(item_lists, start, bs))
+    s = rows_c((user_repr @ x["q"].T) * (1.0 - r))
     valid = (start + jnp.arange(bs)) < n_items
     if not use_gumbel:
       return r, s, None
@@ -503,7 +528,8 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
       logits = jnp.log(r / jnp.maximum(counts, 1.0) + _LOG_EPS)
     xi = block_uniform(key, b, x["j"], bs)
     gumbel = -jnp.log(-jnp.log(xi + _LOG_EPS) + _LOG_EPS)
-    z = jnp.where(valid, (logits + gumbel_scale * gumbel) / tau, -jnp.inf)
+    z = rows_c(jnp.where(valid, (logits + gumbel_scale * gumbel) / tau,
+                         -jnp.inf))
     return r, s, z
 
   def stats_body(carry, x):
@@ -530,10 +556,10 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
       observed = jnp.exp(z - stats["max"][:, None]) / stats["sum"][:, None]
     else:
       observed = r / jnp.maximum(counts, 1.0)
-    rows = observed + model_scale[:, None] * s
+    rows = rows_c(observed + model_scale[:, None] * s)
     return (acc + rows @ x["f"], sq + jnp.sum(jnp.square(rows), axis=-1)), None
 
-  xs["f"] = _item_blocks(factor, n_blocks, bs)
+  xs["f"] = blocks_c(_item_blocks(factor, n_blocks, bs))
   (acc, sq), _ = jax.lax.scan(
       jax.checkpoint(project_body),
       (jnp.zeros((b, factor.shape[1]), jnp.float32),

@@ -1,14 +1,34 @@
-"""Meshes and shardings: data parallelism over batch users (design.md "Scale").
+"""Meshes and shardings: data and item parallelism (design.md "Scale").
 
-One mesh axis, 'data', over the devices of all processes
-(`jax.make_mesh`). Parameters, optimiser states, graphs, features and
-sampler tables are replicated; inside the step the sampled batch (users,
-positives, negatives), its generated / real rows and the critic's
+A 2-D mesh ('data', 'item') of shape (train.data_parallel,
+train.item_parallel) over the devices of all processes (`jax.make_mesh`).
+
+Data axis (issue #5 item 2, first half). Inside the step the sampled batch
+(users, positives, negatives), its generated / real rows and the critic's
 first-layer outputs are constrained to be split over 'data'
 (`jax.lax.with_sharding_constraint`), so the O(B * I * d) generator and
 critic work is divided between devices and XLA inserts the all-reduces of
 the batch means and of the gradients. The full-graph forward (O(nnz * d))
 runs replicated. Evaluation splits each block of users over 'data'.
+
+Item axis (issue #5 item 2, second half; opt-in, train.item_parallel > 1).
+The item-indexed arrays are split over 'item' on their first axis:
+`item_id_embedding` and its optimiser moments, the raw modality features,
+the critic's I-sized first-layer factor (the low-rank 'u' (I, r) or the
+dense kernel (I, h_1)) and its Adam moments (`state_shardings`,
+`inputs_shardings`). In the step, every (B, I) row array (interactions,
+generated, model and real rows) is constrained to ('data', 'item'), and the
+blockwise fused generator's stacked item blocks to (None, 'item') and its
+(B, block) score blocks to ('data', 'item'), so each device holds B/D x I/N
+of every row. Everything else (user embeddings, graphs, sampler tables, the
+critic's hidden layers) stays replicated. Evaluation ranks each user block
+item-sharded with a local top-K per item shard and a global merge
+(`evaluation.evaluate(..., mesh=)`, `jax.shard_map`). n_items must be a
+multiple of item_parallel: we refuse otherwise (`check_items`, one line
+naming both numbers) rather than pad, because padded items would enter the
+BPR negative sampling, the feature-L2 mean, the softmax of the real rows and
+the top-k refresh, each of which would need its own mask.
+
 The train step is one `jax.jit` with explicit in/out shardings; no `pmap`.
 
 The CSR propagation path (`jax.experimental.sparse` custom calls, which the
@@ -17,9 +37,9 @@ their edge lists and propagate with `jraph.segment_sum`.
 
 Multi-host: call `jax.distributed.initialize` first (see launch/); every
 process builds the same host data and state from the same seed, and
-`put_global` turns them into global arrays with
-`jax.make_array_from_process_local_data` (every process passes the full
-array). Step outputs are replicated, so each process can read them.
+`put_global` turns them into global arrays (every process passes the full
+array; each keeps its own shards). Step outputs (loss terms) are
+replicated, so each process can read them.
 
 Typical use (what `train.Run` needs):
 
@@ -44,29 +64,52 @@ from mmssl_jax import state as state_lib
 from mmssl_jax import steps
 
 DATA = "data"
+ITEM = "item"
 
 
 def make_mesh(config: ml_collections.ConfigDict | None = None, *,
               n_devices: int | None = None,
+              item_devices: int | None = None,
               devices=None) -> Mesh:
-  """A 1-D ('data',) mesh.
+  """A 2-D ('data', 'item') mesh of shape (data devices, item devices).
 
   Args:
-    config: reads `train.data_parallel` (0 = all devices) unless n_devices
-      is given.
-    n_devices: devices on the axis (0 or None with no config: all).
+    config: reads `train.data_parallel` (0 = all devices not used by the
+      item axis) unless n_devices is given, and `train.item_parallel`
+      (default 1) unless item_devices is given.
+    n_devices: devices on the 'data' axis (0 or None with no config: all
+      devices / item devices).
+    item_devices: devices on the 'item' axis (None with no config: 1).
     devices: devices to use (default `jax.devices()`, i.e. of all processes).
   """
   devices = list(jax.devices() if devices is None else devices)
   if n_devices is None:
     n_devices = int(config.train.get("data_parallel", 1)) if config else 0
+  if item_devices is None:
+    item_devices = int(config.train.get("item_parallel", 1)) if config else 1
+  if item_devices < 1:
+    raise ValueError(f"item_parallel={item_devices} must be >= 1")
   if n_devices == 0:
-    n_devices = len(devices)
-  if not 1 <= n_devices <= len(devices):
-    raise ValueError(f"data_parallel={n_devices} needs between 1 and the "
-                     f"{len(devices)} available devices")
-  return jax.make_mesh((n_devices,), (DATA,), axis_types=(AxisType.Auto,),
-                       devices=devices[:n_devices])
+    n_devices = len(devices) // item_devices
+  if n_devices < 1 or n_devices * item_devices > len(devices):
+    raise ValueError(f"data_parallel={n_devices} x item_parallel="
+                     f"{item_devices} needs between 1 and the {len(devices)} "
+                     "available devices")
+  n = n_devices * item_devices
+  # 'item' is the minor axis: an item group is consecutive devices, on one
+  # host when possible, so the per-block item collectives stay local.
+  return jax.make_mesh((n_devices, item_devices), (DATA, ITEM),
+                       axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices[:n])
+
+
+def data_size(mesh: Mesh) -> int:
+  return int(mesh.shape[DATA])
+
+
+def item_size(mesh: Mesh) -> int:
+  """Devices on the 'item' axis (1 for a mesh without one)."""
+  return int(dict(mesh.shape).get(ITEM, 1))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -80,7 +123,26 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def batch_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
   """x -> x constrained to `batch_sharding` (for `steps.make_*_step`)."""
-  sharding = batch_sharding(mesh)
+  return constraint(batch_sharding(mesh))
+
+
+def item_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (item) axis split over 'item', the other axes replicated."""
+  return NamedSharding(mesh, P(ITEM))
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+  """(batch, item) arrays: rows over 'data', columns over 'item'."""
+  return NamedSharding(mesh, P(DATA, ITEM))
+
+
+def blocks_sharding(mesh: Mesh) -> NamedSharding:
+  """Stacked item blocks (n_blocks, block_size, ...): each block's items
+  over 'item', so every step of the block scan is item-parallel."""
+  return NamedSharding(mesh, P(None, ITEM))
+
+
+def constraint(sharding: NamedSharding) -> Callable[[jax.Array], jax.Array]:
   return lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
 
@@ -89,23 +151,30 @@ def _is_key(x) -> bool:
                                                      jax.dtypes.prng_key)
 
 
-def put_global(tree: Any, sharding: NamedSharding) -> Any:
-  """Every leaf as a global array with `sharding`.
+def put_global(tree: Any, sharding: NamedSharding | Any) -> Any:
+  """Every leaf as a global array with `sharding` (one, or a matching tree).
 
   Each process passes the full (identical) value; with one process this is
-  `jax.device_put`. Typed PRNG keys travel as their key data.
+  `jax.device_put`, with several each process keeps its addressable shards.
+  Typed PRNG keys travel as their key data.
   """
-  def put(x):
-    if x is None:
-      return None
+  if isinstance(sharding, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: sharding, tree)
+  else:
+    shardings = sharding
+
+  def put(x, s):
     if _is_key(x):
       impl = jax.random.key_impl(x)
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
+      return jax.random.wrap_key_data(put(jax.random.key_data(x), s),
+                                      impl=impl)
     if jax.process_count() == 1:
-      return jax.device_put(x, sharding)
+      return jax.device_put(x, s)
     x = np.asarray(x)
-    return jax.make_array_from_process_local_data(sharding, x, x.shape)
-  return jax.tree.map(put, tree, is_leaf=lambda x: x is None or _is_key(x))
+    if s.is_fully_replicated:
+      return jax.make_array_from_process_local_data(s, x, x.shape)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)
 
 
 def host_local(tree: Any) -> Any:
@@ -131,27 +200,112 @@ def strip_csr_state(state: state_lib.TrainState) -> state_lib.TrainState:
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  if config.train.batch_size % mesh.size:
+  if config.train.batch_size % data_size(mesh):
     raise ValueError(f"train.batch_size={config.train.batch_size} is not a "
-                     f"multiple of the {mesh.size} devices of the data axis")
+                     f"multiple of the {data_size(mesh)} devices of the data "
+                     "axis")
+
+
+def check_items(config: ml_collections.ConfigDict, n_items: int,
+                mesh: Mesh) -> None:
+  """Item-axis sizes that cannot be split evenly (no padding; module doc)."""
+  n = item_size(mesh)
+  if n_items % n:
+    raise ValueError(f"train.item_parallel={n} does not divide the "
+                     f"{n_items} items of the dataset (n_items must be a "
+                     "multiple of item_parallel)")
+  block = int(config.train.get("generator_block", 0))
+  if n > 1 and block > 0 and block < n_items and block % n:
+    raise ValueError(f"train.generator_block={block} is not a multiple of "
+                     f"train.item_parallel={n}")
+
+
+def _dict_keys(path) -> list[Any]:
+  return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def is_item_leaf(path) -> bool:
+  """Whether a `TrainState` leaf is item-indexed on its first axis.
+
+  `item_id_embedding` in params and the recommender optimiser state (its
+  Adam moments mirror params), and the critic's first-layer factor
+  (dense_0's 'u' or 'kernel') in the critic params and its optimiser state.
+  """
+  field = getattr(path[0], "name", None) if path else None
+  keys = _dict_keys(path)
+  if field in ("params", "opt_state"):
+    return "item_id_embedding" in keys
+  if field in ("critic_params", "critic_opt_state"):
+    return any(a == "dense_0" and b in ("u", "kernel")
+               for a, b in zip(keys, keys[1:]))
+  return False
+
+
+def state_shardings(state: Any, mesh: Mesh, n_items: int) -> Any:
+  """NamedShardings of a `TrainState` (or its `jax.eval_shape`).
+
+  Item-indexed leaves (`is_item_leaf`) go over 'item' when the mesh has
+  more than one item device; everything else is replicated.
+  """
+  rep, item = replicated(mesh), item_sharding(mesh)
+  split = item_size(mesh) > 1
+
+  def rule(path, leaf):
+    if (split and is_item_leaf(path) and len(leaf.shape) >= 1
+        and leaf.shape[0] == n_items):
+      return item
+    return rep
+  return jax.tree_util.tree_map_with_path(rule, state)
+
+
+def inputs_shardings(inputs: state_lib.StepInputs,
+                     mesh: Mesh) -> state_lib.StepInputs:
+  """Step inputs: features over 'item' (item axis > 1), the rest replicated.
+
+  The training graph and the sampler tables are indexed by edge and by
+  user, and gathered at arbitrary items, so they stay replicated.
+  """
+  rep = replicated(mesh)
+  shardings = jax.tree.map(lambda _: rep, inputs)
+  if item_size(mesh) > 1:
+    shardings = shardings._replace(
+        features={m: item_sharding(mesh) for m in inputs.features})
+  return shardings
 
 
 def make_sharded_step(config: ml_collections.ConfigDict, shapes: steps.Shapes,
-                      mesh: Mesh) -> Callable:
+                      mesh: Mesh, *, state_shardings: Any = None,
+                      input_shardings: Any = None) -> Callable:
   """`step(state, batch_idx, inputs) -> (state, metrics)` over `mesh`.
 
-  One `jax.jit` with replicated in/out shardings for the state, the step
-  inputs (without CSR fields) and the metrics, the state donated; the batch
-  is split over 'data' inside (see the module docstring).
+  One `jax.jit` with explicit in/out shardings: the state's from
+  `state_shardings` (required for an item axis > 1; default replicated),
+  the inputs' from `inputs_shardings` (without CSR fields; default
+  replicated), metrics replicated; the state donated. The batch is split
+  over 'data' and the (B, I) rows over ('data', 'item') inside (module
+  docstring).
   """
   check_batch(config, mesh)
-  make = (steps.make_mmssl_step if config.model.name == "mmssl"
-          else steps.make_lightgcn_step)
-  fn = make(config, shapes, batch_constraint=batch_constraint(mesh),
-            jit=False)
+  check_items(config, shapes.n_items, mesh)
+  split_items = item_size(mesh) > 1
+  if split_items and state_shardings is None:
+    raise ValueError("make_sharded_step needs state_shardings on a mesh with "
+                     "an item axis (parallel.state_shardings)")
+  kwargs = {"batch_constraint": batch_constraint(mesh), "jit": False}
+  if config.model.name == "mmssl":
+    make = steps.make_mmssl_step
+    if split_items:
+      kwargs.update(rows_constraint=constraint(rows_sharding(mesh)),
+                    blocks_constraint=constraint(blocks_sharding(mesh)))
+  else:
+    # LightGCN has no (B, I) arrays: only its embeddings are item-sharded.
+    make = steps.make_lightgcn_step
+  fn = make(config, shapes, **kwargs)
   rep = replicated(mesh)
-  return jax.jit(fn, in_shardings=(rep, rep, rep), out_shardings=(rep, rep),
-                 donate_argnums=0)
+  state_s = rep if state_shardings is None else state_shardings
+  input_s = rep if input_shardings is None else input_shardings
+  return jax.jit(fn, in_shardings=(state_s, rep, input_s),
+                 out_shardings=(state_s, rep), donate_argnums=0)
 
 
 def shard_eval_set(eval_set: evaluation.EvalSet,
@@ -159,10 +313,11 @@ def shard_eval_set(eval_set: evaluation.EvalSet,
   """Each block of evaluated users split over 'data' (n_users replicated).
 
   `evaluation.evaluate` then ranks every device's share of a block on that
-  device. The block size (eval.block_users, or fewer users) must be a
-  multiple of the mesh size; otherwise the set stays replicated.
+  device (and, with an item axis, every item shard of it). The block size
+  (eval.block_users, or fewer users) must be a multiple of the data axis;
+  otherwise the set stays replicated.
   """
-  if eval_set.users.shape[1] % mesh.size:
+  if eval_set.users.shape[1] % data_size(mesh):
     return put_global(eval_set, replicated(mesh))
   split = NamedSharding(mesh, P(None, DATA))
   return evaluation.EvalSet(
@@ -177,23 +332,39 @@ def shard_run(run, mesh: Mesh):
   """Turns a `train.Run` into a sharded one over `mesh`, in place.
 
   Replaces its step (`make_sharded_step`), its inputs (CSR fields dropped,
-  replicated global arrays), `init_state` (modality graphs without CSR,
-  replicated) and its evaluation sets (users split over 'data'); the
-  final embeddings then run under jit on the mesh, replicated.
-  Returns `run`.
+  global arrays, features item-sharded), `init_state` (modality graphs
+  without CSR, item-indexed leaves item-sharded) and its evaluation sets
+  (users split over 'data'); with an item axis, `run.evaluate` ranks with
+  the item-sharded evaluator. The final embeddings run under jit on the
+  mesh. Raises ValueError (train turns it into a ConfigError) for sizes the
+  mesh cannot split. Returns `run`.
   """
-  rep = replicated(mesh)
+  check_items(run.config, run.shapes.n_items, mesh)
   run.mesh = mesh
-  run.inputs = put_global(strip_csr_inputs(host_local(run.inputs)), rep)
-  run.step = make_sharded_step(run.config, run.shapes, mesh)
+  inputs = strip_csr_inputs(host_local(run.inputs))
+  input_s = inputs_shardings(inputs, mesh)
+  run.inputs = put_global(inputs, input_s)
   base_init = type(run).init_state
+  abstract = jax.eval_shape(lambda: strip_csr_state(base_init(run)))
+  state_s = state_shardings(abstract, mesh, run.shapes.n_items)
+  run.state_shardings = state_s
+  run.step = make_sharded_step(run.config, run.shapes, mesh,
+                               state_shardings=state_s,
+                               input_shardings=input_s)
 
   def init_state():
-    return put_global(strip_csr_state(base_init(run)), rep)
+    return put_global(strip_csr_state(base_init(run)), state_s)
 
   run.init_state = init_state
   run.val_set = shard_eval_set(run.val_set, mesh)
   run.test_set = shard_eval_set(run.test_set, mesh)
+  if item_size(mesh) > 1:
+    def evaluate(state, split: str) -> dict[str, float]:
+      user, item = run.final_embeddings(state)
+      eval_set = run.val_set if split == "val" else run.test_set
+      return evaluation.evaluate(user, item, eval_set,
+                                 ks=run.config.eval.ks, mesh=mesh)
+    run.evaluate = evaluate
   return run
 
 

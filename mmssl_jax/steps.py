@@ -223,6 +223,8 @@ def uses_fused_generator(config: ml_collections.ConfigDict) -> bool:
 
 def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
                     batch_constraint: Callable | None = None,
+                    rows_constraint: Callable | None = None,
+                    blocks_constraint: Callable | None = None,
                     jit: bool = True) -> Callable:
   """Returns jitted `step(state, batch_idx, inputs) -> (state, metrics)`.
 
@@ -233,6 +235,13 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
       (sampled users, positives, negatives, their rows and first-layer
       outputs); `parallel` passes a sharding constraint over the 'data' mesh
       axis. None: no constraint.
+    rows_constraint: applied to every (B, I) row array (interactions,
+      generated, model and real rows) and to the (B, block) score blocks of
+      the fused generator; `parallel` passes ('data', 'item') for item
+      sharding (issue #5 item 2). None: batch_constraint.
+    blocks_constraint: applied to the fused generator's stacked item blocks
+      (n_blocks, block_size, ...); `parallel` passes (None, 'item'). None:
+      no constraint.
     jit: return the jitted step (donating the state); False returns the
       plain function (`parallel.make_sharded_step` jits it with shardings).
   """
@@ -248,6 +257,9 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
   fused = uses_fused_generator(config)
   adversarial = loss_cfg.adversarial
   constrain = batch_constraint or (lambda x: x)
+  constrain_rows = rows_constraint or constrain
+  block_kw = dict(row_constraint=rows_constraint,
+                  block_constraint=blocks_constraint)
   if adversarial not in ("wgan", "none", "edge_likelihood"):
     raise ValueError(f"unknown loss.adversarial {adversarial!r}")
   if gu.schedule not in ("reference", "persistent"):
@@ -258,7 +270,7 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
         f"m_topk_rate={gu.m_topk_rate} gives k = 0 on {n_items} items")
 
   def gen_rows(out, users, interactions):
-    return {m: constrain(graph_lib.generated_rows(
+    return {m: constrain_rows(graph_lib.generated_rows(
         out.feat_user[m][users], out.feat_item[m], interactions,
         block_size=block)) for m in shapes.modalities}
 
@@ -266,7 +278,7 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
     """modality -> (projection onto factor, top-k ids), blockwise."""
     return {m: graph_lib.fused_generated_rows(
         out.feat_user[m][users], out.feat_item[m], lists, block_size=block,
-        factor=factor, k=top_k) for m in shapes.modalities}
+        factor=factor, k=top_k, **block_kw) for m in shapes.modalities}
 
   def first_layer_of_projections(critic_params, projections):
     return constrain(jnp.concatenate([
@@ -282,7 +294,7 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
     lists = constrain(inputs.sampler.train_lists[users])
     interactions = None
     if not fused or adversarial == "edge_likelihood":
-      interactions = constrain(graph_lib.dense_rows(lists, n_items))
+      interactions = constrain_rows(graph_lib.dense_rows(lists, n_items))
     forward = lambda p, key: model_lib.forward(
         p, inputs.graph, inputs.features, state.modality_graphs, key=key,
         train=True, hp=hp)
@@ -302,7 +314,7 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
               block_size=block, gumbel_scale=loss_cfg.gumbel_scale,
               tau=loss_cfg.real_data_tau, ui_pre_scale=loss_cfg.ui_pre_scale,
               use_gumbel=loss_cfg.gumbel_transform,
-              log_logits=loss_cfg.gumbel_log_logits)
+              log_logits=loss_cfg.gumbel_log_logits, **block_kw)
           h_real = constrain(critic_lib.first_layer_from_projection(
               cp, constrain(z_real)))
           fake = fused_fake(out, users, lists, factor, 0)
@@ -313,15 +325,15 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
       else:
         fake = jnp.concatenate(
             list(gen_rows(out, users, interactions).values()))
-        model_rows = graph_lib.generated_rows(out.user[users], out.item,
-                                              interactions, block_size=block)
+        model_rows = constrain_rows(graph_lib.generated_rows(
+            out.user[users], out.item, interactions, block_size=block))
         real = losses.gumbel_real_rows(
             key=k_gumbel, interactions=interactions, model_rows=model_rows,
             gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
             ui_pre_scale=loss_cfg.ui_pre_scale,
             use_gumbel=loss_cfg.gumbel_transform,
             log_logits=loss_cfg.gumbel_log_logits)
-        real = constrain(jax.lax.stop_gradient(real))
+        real = constrain_rows(jax.lax.stop_gradient(real))
         d_loss_fn = lambda cp: critic_loss(cp, config, critic_stats, real,
                                            fake, n_mod, d_keys)
       (d_loss, (critic_stats, d_real, d_fake, gp)), grads = (
@@ -374,7 +386,8 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
       elif adversarial == "edge_likelihood":
         terms["gen"] = sum(
             losses.edge_likelihood_loss(
-                generated_rows=out.feat_user[m][users] @ out.feat_item[m].T,
+                generated_rows=constrain_rows(
+                    out.feat_user[m][users] @ out.feat_item[m].T),
                 interactions=interactions) for m in shapes.modalities)
         total = total + loss_cfg.g_rate * terms["gen"]
       terms["loss"] = total

@@ -177,14 +177,14 @@ def test_make_mesh_and_batch_check():
   import jax  # pylint: disable=g-import-not-at-top
   from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
   config = helpers.load_config("test")
-  mesh = parallel.make_mesh(config)  # data_parallel = 1
-  assert mesh.shape == {"data": 1}
+  mesh = parallel.make_mesh(config)  # data_parallel = item_parallel = 1
+  assert mesh.shape == {"data": 1, "item": 1}
   assert parallel.make_mesh(n_devices=0).size == jax.device_count()
   with pytest.raises(ValueError, match="data_parallel"):
     parallel.make_mesh(n_devices=jax.device_count() + 1)
   config.train.batch_size = 31
   with pytest.raises(ValueError, match="multiple"):
-    parallel.check_batch(config, types.SimpleNamespace(size=2))
+    parallel.check_batch(config, types.SimpleNamespace(shape={"data": 2}))
   parallel.check_batch(config, mesh)
 
 
