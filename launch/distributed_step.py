@@ -1,9 +1,9 @@
 r"""Runs sharded training steps of a config on all devices of all processes.
 
-A working example of the multi-host path (`mmssl_jax.parallel`), and what
-tests/test_parallel.py runs; `mmssl_jax.main` does the same for full runs
-once it calls `parallel.initialize_distributed` (see launch/README notes in
-`launch/local_multiprocess.sh`).
+A small example of the multi-host path (`mmssl_jax.parallel`), and what
+tests/test_parallel.py runs; full training runs go through `mmssl_jax.main`
+with the same flags and `--config.train.data_parallel=0` (see
+`launch/local_multiprocess.sh` and tests/test_multihost.py).
 
   # one process, 4 CPU devices
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \

@@ -2,27 +2,33 @@
 # MMSSL on a Cloud TPU pod slice: the same command on every host (worker).
 #
 #   TPU_NAME=my-v5e-32 ZONE=us-west4-a PROJECT=my-project \
-#   CONFIG=configs/sports.py:variant=paper WORKDIR=gs://bucket/mmssl_sports \
+#   CONFIG=configs/sports.py:variant=paper WORKDIR=/mnt/shared/mmssl_sports \
 #   DATA_DIR=/mnt/data/sports launch/tpu_pod.sh [extra --config.* flags]
 #
 # Every host runs `python -m mmssl_jax.main --distributed ...`; with no
 # coordinator flags `jax.distributed.initialize()` discovers the pod slice
 # from the TPU metadata, so all hosts form one mesh ('data' axis over all
 # chips, `config.train.data_parallel=0`). The repository (and the data, unless
-# DATA_DIR is on a shared mount) must be present on every worker; set
-# SYNC=1 to copy the working tree there first (gcloud scp). WORKDIR should be
-# a path every host can write (GCS or a shared file system); checkpoints are
-# written collectively.
+# DATA_DIR is on a shared mount) must be present on every worker; set SYNC=1
+# to copy the working tree there first (gcloud scp).
 #
-# Needs `mmssl_jax.main` to accept --distributed (see the sharding notes in
-# mmssl_jax/parallel.py). Test the same path on one machine with
-# launch/local_multiprocess.sh.
+# WORKDIR must be a path on a file system every worker mounts at the same
+# place (Filestore/NFS, or a bucket through gcsfuse; not a gs:// URL:
+# config.json and metrics.jsonl are written with plain file I/O). Checkpoints
+# are written collectively by orbax; process 0 alone writes config.json,
+# metrics.jsonl and the INFO log (the other workers print only warnings and
+# errors). Running the script again resumes from the latest checkpoint. On a
+# preemption notice (SIGTERM on any worker) all workers stop at the same
+# step, checkpoint and exit 143.
+#
+# Untested here (no TPU pod): the same main path is tested with CPU
+# processes by tests/test_multihost.py (launch/local_multiprocess.sh).
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE}"
 : "${CONFIG:?set CONFIG, e.g. configs/tiktok.py}"
-: "${WORKDIR:?set WORKDIR, e.g. gs://bucket/run}"
+: "${WORKDIR:?set WORKDIR on a shared mount, e.g. /mnt/shared/run}"
 PROJECT_FLAG=()
 [[ -n "${PROJECT:-}" ]] && PROJECT_FLAG=(--project="$PROJECT")
 REMOTE_DIR="${REMOTE_DIR:-~/mmssl_jax}"

@@ -34,6 +34,25 @@ dotted fields. A workdir with epoch records but no checkpoint is refused
 a complete run: it is not trained again or extended, the stored final result
 is returned (the CLI exits 0).
 
+Multi-process runs (`jax.distributed`; `mmssl_jax.multihost`). The state
+of a sharded run (`parallel.shard_run`) is saved as the global arrays it is
+(`state_to_global_arrays`, no host copy): every process calls `save` and
+`restore` on the same step, orbax's CheckpointManager coordinates them
+(barriers; each array shard written once, metadata and `meta/` by process
+0) and restores every array straight into the target state's shardings.
+The workdir must therefore be on a file system every process sees and
+mounts at the same path (NFS, a cluster file system, a bucket mounted with
+gcsfuse; not a gs:// URL: config.json and metrics.jsonl use plain file I/O);
+with a per-host local disk the processes would see different checkpoints.
+Process 0 alone reads the workdir to decide between new/resume/complete
+(`inspect_workdir`) and writes config.json and metrics.jsonl; the decision
+and its errors reach the other processes (`multihost.on_primary`).
+`PreemptionGuard.agree` makes every process stop at the same step boundary
+when any of them receives SIGTERM/SIGINT, so the collective save cannot
+deadlock. A sharded checkpoint holds the state without CSR fields;
+`restore_run` rebuilds such a run on a 1-device mesh of the loading
+process, so recommend/export read checkpoints of any mesh.
+
 Determinism. On CPU a run is a pure function of its config and seed: the
 same config gives bit-identical metrics and parameters, and a run stopped at
 any step boundary and resumed gives bit-identical metrics.jsonl records
@@ -67,6 +86,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from mmssl_jax import multihost
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -159,6 +180,19 @@ class PreemptionGuard:
   def __exit__(self, *exc) -> None:
     self._restore()
 
+  def agree(self) -> bool:
+    """`requested`, agreed by all processes (a collective in multi-process
+    runs: every process must call it at the same step boundary).
+
+    A process that received no signal takes the one another process
+    received, so every process stops, saves the same checkpoint (orbax saves
+    are collective) and raises `Preempted` with the same exit status.
+    """
+    signum = multihost.agree_signal(self.signum)
+    if signum is not None and self.signum is None:
+      self.signum = signum
+    return self.requested
+
 
 # ----------------------------------------------------------------------------
 # State <-> flat arrays
@@ -214,6 +248,37 @@ def arrays_to_state(arrays: dict[str, Any], target):
                                           impl=jax.random.key_impl(like)))
     else:
       out.append(jnp.asarray(value, like.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def is_global(state) -> bool:
+  """True for a state of arrays placed on a device mesh (`parallel.shard_run`:
+  replicated or sharded global arrays, possibly spanning processes)."""
+  return any(isinstance(x, jax.Array)
+             and isinstance(x.sharding, jax.sharding.NamedSharding)
+             for x in jax.tree.leaves(state))
+
+
+def state_to_global_arrays(state) -> dict[str, jax.Array]:
+  """Every leaf as it is on its mesh (no host copy), keyed like
+  `state_to_arrays`; typed PRNG keys as their key data."""
+  leaves = jax.tree.leaves(state)
+  return {_leaf_name(i): jax.random.key_data(x) if _is_key(x) else x
+          for i, x in enumerate(leaves)}
+
+
+def global_arrays_to_state(arrays: dict[str, jax.Array], target):
+  """`arrays_to_state` for arrays restored with `target`'s shardings: they
+  stay where orbax put them (each process reads its own shards)."""
+  leaves, treedef = jax.tree.flatten(target)
+  out = []
+  for i, like in enumerate(leaves):
+    value = arrays[_leaf_name(i)]
+    if _is_key(like):
+      value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
+    elif value.dtype != like.dtype:
+      value = value.astype(like.dtype)
+    out.append(value)
   return jax.tree.unflatten(treedef, out)
 
 
@@ -346,7 +411,10 @@ class CheckpointStore:
     path = os.path.join(self.directory, str(meta.step))
     if meta.step in self.all_steps():
       return path
-    arrays = state_to_arrays(state)
+    # A state on a mesh is saved as global arrays: every process calls save
+    # and orbax writes each shard once (replicated arrays by one replica).
+    arrays = (state_to_global_arrays(state) if is_global(state)
+              else state_to_arrays(state))
     metrics = None if best_score is None else {_BEST_METRIC: float(best_score)}
     # Without metrics orbax warns on every save that it tracks a best metric.
     ocp = _orbax()
@@ -371,11 +439,14 @@ class CheckpointStore:
       raise ConfigMismatchError(
           f"{os.path.join(self.directory, str(step))}: the checkpoint's arrays "
           f"do not match this config's train state ({diff})")
-    abstract = state_to_arrays_abstract(target)
+    sharded = is_global(target)
+    abstract = state_to_arrays_abstract(target, with_sharding=sharded)
     with _quiet_orbax():
       arrays = self._manager.restore(
           step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract)))["state"]
+    if sharded:
+      return global_arrays_to_state(arrays, target), meta
     return arrays_to_state(arrays, target), meta
 
   def close(self) -> None:
@@ -389,8 +460,16 @@ class CheckpointStore:
     self.close()
 
 
-def state_to_arrays_abstract(state) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes/dtypes of `state_to_arrays(state)` without copying anything."""
+def state_to_arrays_abstract(state, *, with_sharding: bool = False
+                             ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes/dtypes of `state_to_arrays(state)` without copying anything.
+
+  with_sharding: also the leaves' shardings (a state on a mesh), so that
+  orbax restores every array straight into its place on the mesh.
+  """
+  if with_sharding:
+    return {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            for name, x in state_to_global_arrays(state).items()}
   leaves = jax.tree.leaves(state)
   leaves = [jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x
             for x in leaves]
@@ -679,6 +758,12 @@ def restore_run(workdir: str, *, which: str | int = "best",
                                 f"{step} (have {store.all_steps()})")
     ds = train.load_dataset(config.data)
     run = train.Run(config, ds)
+    if (int(config.train.get("data_parallel", 1)) != 1
+        or int(config.train.get("item_parallel", 1)) != 1):
+      # A sharded run's state has no CSR fields (`parallel.shard_run`);
+      # restore it as such, on a 1-device mesh of this process.
+      from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
+      parallel.shard_run(run, parallel.make_mesh(n_devices=1))
     state, meta = store.restore(step, run.init_state())
   finally:
     store.close()

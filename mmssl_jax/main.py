@@ -20,6 +20,16 @@ Exit status and messages (one line `error: ...` on stderr, no traceback):
   143  stopped by SIGTERM (130: SIGINT) after saving a checkpoint at the next
        step boundary; run the same command again to resume.
 
+Multi-process (multi-host) runs: every process runs the same command with
+`--config.train.data_parallel=0` (a 'data' mesh over every device of every
+process) and either `--distributed` (jax.distributed auto-detects TPU pods
+and SLURM) or `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`; `launch/` has the launchers. The result equals a
+single-process run on as many devices; process 0 writes the workdir's files
+and log, checkpoints are written collectively, so --workdir must be on a file
+system every process sees (`mmssl_jax.multihost`, tests/test_multihost.py).
+Every process exits with the same status.
+
 `--config.train.deterministic=True` adds `--xla_gpu_deterministic_ops=true`
 to XLA_FLAGS before JAX initialises its backend, which makes GPU scatter-adds
 (and so whole runs) reproducible at some speed cost; CPU runs are
@@ -79,6 +89,21 @@ def _fail(message: str, status: int) -> None:
   sys.exit(status)
 
 
+def _check_multiprocess_mesh(config) -> None:
+  """Every process must own devices of the mesh (else it has no part in the
+  sharded step): the mesh must span all devices of the job."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    size = parallel.make_mesh(config).size
+  except ValueError as e:
+    _fail(str(e), 1)
+  if size != jax.device_count():
+    _fail(f"{jax.process_count()} processes need a mesh over all "
+          f"{jax.device_count()} devices, this config's has {size}: pass "
+          "--config.train.data_parallel=0 (all devices)", 1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -89,16 +114,15 @@ def main(argv):
       logging.warning("JAX was initialised before XLA_FLAGS was set: "
                       "train.deterministic has no effect")
   if FLAGS.distributed or FLAGS.coordinator_address:
+    from mmssl_jax import multihost  # pylint: disable=g-import-not-at-top
     from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
     parallel.initialize_distributed(FLAGS.coordinator_address,
                                     FLAGS.num_processes, FLAGS.process_id)
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_count() > 1:
-      # The sharded step itself works across processes (tests/test_parallel.py,
-      # launch/distributed_step.py); the loop's files and checkpoints are not
-      # yet written by process 0 / collectively.
-      _fail("multi-process training through main is not supported yet: "
-            "use launch/distributed_step.py", 1)
+    if multihost.process_count() > 1:
+      _check_multiprocess_mesh(config)
+      if not multihost.is_primary():
+        # Process 0 writes the log; the others print warnings and errors.
+        logging.set_verbosity(logging.WARNING)
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
   except checkpointing.Preempted as e:

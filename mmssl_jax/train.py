@@ -24,10 +24,20 @@ determinism):
   raises `checkpointing.ConfigMismatchError` listing the fields, epoch records
   without checkpoints raise FileExistsError, and a complete run (final record
   in metrics.jsonl) is not trained again: its stored final result is returned.
+
+Multi-process runs (`jax.distributed`, `train.data_parallel` != 1; see
+`mmssl_jax.multihost`): every process runs this same function on the same
+config and data. Process 0 alone inspects the workdir and writes
+config.json, metrics.jsonl, TensorBoard events and the progress bar, and its
+decisions and errors reach every process (`multihost.on_primary`);
+checkpoints are saved and restored collectively by orbax; a signal received
+by any process stops all of them at the same step (`PreemptionGuard.agree`).
+The workdir must be on a file system every process sees.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -43,6 +53,7 @@ from mmssl_jax import checkpointing
 from mmssl_jax import evaluation
 from mmssl_jax import graph as graph_lib
 from mmssl_jax import model as model_lib
+from mmssl_jax import multihost
 from mmssl_jax import progress
 from mmssl_jax import state as state_lib
 from mmssl_jax import steps
@@ -62,6 +73,13 @@ PROGRESS_TERMS_EVERY = 10
 
 class ConfigError(ValueError):
   """A config that cannot run (with this dataset); a one-line message."""
+
+
+# Errors of process 0's workdir checks and writes that every process raises
+# again, by class name, in multi-process runs (`multihost.on_primary`).
+WORKDIR_ERRORS = (checkpointing.ConfigMismatchError, FileExistsError,
+                  FileNotFoundError, PermissionError, OSError, DataError,
+                  ConfigError, ValueError)
 
 
 def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
@@ -239,7 +257,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   ds = load_dataset(config.data)
   check_config(config, ds)
-  status = checkpointing.inspect_workdir(workdir, config)
+  # Process 0 decides (a shared workdir could change between processes'
+  # reads); every process follows it.
+  status = checkpointing.WorkdirStatus(**multihost.on_primary(
+      lambda: dataclasses.asdict(checkpointing.inspect_workdir(
+          workdir, config)), errors=WORKDIR_ERRORS))
   if status.kind == "complete":
     logging.info("%s holds a complete run (%d epochs); not training again. "
                  "Stored result:", workdir, status.final.get("epochs", -1))
@@ -263,7 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                 "parameters" if state.critic_params is not None else ""),
                run.steps_per_epoch)
   if status.kind == "new":
-    prepare_workdir(workdir, config)
+    multihost.on_primary(lambda: prepare_workdir(workdir, config),
+                         errors=WORKDIR_ERRORS)
   store = checkpointing.CheckpointStore(
       os.path.join(workdir, CHECKPOINT_DIR),
       keep=int(config.train.get("checkpoint_keep", 3)))
@@ -271,14 +294,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if status.kind == "resume":
       step = store.latest_step()
       state, meta = store.restore(step, state)
-      checkpointing.resume_records(os.path.join(workdir, METRICS_FILE), meta)
+      multihost.on_primary(lambda: _resume_records(workdir, meta),
+                           errors=WORKDIR_ERRORS)
       logging.info("resuming from step %d (epoch %d, batch %d) of %s", step,
                    meta.epoch, meta.batch, store.directory)
     else:
       meta = CheckpointMeta(step=0, epoch=0, batch=0, epoch_terms={},
                             train_seconds=0.0, bad_evals=0, best=_no_best(),
                             last_record=None)
-    tensorboard = bool(config.train.get("tensorboard", False))
+    tensorboard = (bool(config.train.get("tensorboard", False))
+                   and multihost.is_primary())
     with progress.MetricWriter(workdir, enabled=tensorboard) as writer:
       if tensorboard and not writer.active:
         logging.warning("train.tensorboard=True but tensorboardX is not "
@@ -288,9 +313,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         meta = _train_loop(config, run, state, meta, store, guard, workdir,
                            writer=writer)
   result = _final_result(meta)
-  checkpointing.append_record(os.path.join(workdir, METRICS_FILE), result)
+  multihost.on_primary(lambda: checkpointing.append_record(
+      os.path.join(workdir, METRICS_FILE), result), errors=WORKDIR_ERRORS)
   _log_final(result)
   return result
+
+
+def _resume_records(workdir: str, meta: CheckpointMeta) -> None:
+  checkpointing.resume_records(os.path.join(workdir, METRICS_FILE), meta)
 
 
 def _nan_message(epoch: int, batch: int, step: int, terms: dict[str, Any],
@@ -306,6 +336,14 @@ def _nan_message(epoch: int, batch: int, step: int, terms: dict[str, Any],
   return (f"non-finite loss term {first} = {float(terms[first])} at step "
           f"{step} (epoch {epoch}, batch {batch}){also}; training stopped, "
           f"{kept}")
+
+
+def _write_record(path: str, step: int, record: dict[str, Any],
+                  writer: progress.MetricWriter | None) -> None:
+  """Appends an epoch record to metrics.jsonl and TensorBoard (process 0)."""
+  checkpointing.append_record(path, record)
+  if writer is not None:
+    writer.write_scalars(step, record)
 
 
 def _train_loop(config, run: Run, state, meta: CheckpointMeta,
@@ -326,6 +364,7 @@ def _train_loop(config, run: Run, state, meta: CheckpointMeta,
   spe = run.steps_per_epoch
   show = ("recall@20", "ndcg@20", "ndcg_mmssl@20")
   metrics_path = os.path.join(workdir, METRICS_FILE)
+  single_process = multihost.process_count() == 1
   while meta.bad_evals <= patience and meta.epoch < config.train.epochs:
     epoch = meta.epoch
     t0 = time.time()
@@ -334,14 +373,22 @@ def _train_loop(config, run: Run, state, meta: CheckpointMeta,
                for i in range(meta.batch)]
     pending = []  # (batch index, device bool: all terms finite)
     # A resumed epoch's bar starts at the batch the checkpoint stopped at.
-    with progress.EpochProgress(spe, epoch=epoch, initial=meta.batch) as bar:
+    with progress.EpochProgress(
+        spe, epoch=epoch, initial=meta.batch,
+        enabled=None if multihost.is_primary() else False) as bar:
       for idx in range(meta.batch, spe):
         state, terms = run.step(state, jnp.int32(idx), run.inputs)
         history.append(terms)
         pending.append((idx, _terms_finite(terms)))
         last = idx == spe - 1
-        preempt = guard.requested and not last
-        if len(pending) >= every or last or preempt:
+        check = len(pending) >= every or last
+        # One process polls its signal flag every step; several agree on it
+        # (a collective) at the NaN-check boundaries, the same on all.
+        if check or single_process:
+          preempt = guard.agree() and not last
+        else:
+          preempt = False
+        if check or preempt:
           ok = jax.device_get([flag for _, flag in pending])
           if not all(ok):
             bad = pending[int(np.argmin(ok))][0]
@@ -394,14 +441,15 @@ def _train_loop(config, run: Run, state, meta: CheckpointMeta,
                           train_seconds=0.0, bad_evals=bad_evals, best=best,
                           last_record=record)
     store.save(state, meta, best_score=best_score)
-    checkpointing.append_record(metrics_path, record)
-    if writer is not None:
-      writer.write_scalars(step, record)
+    multihost.on_primary(functools.partial(_write_record, metrics_path, step,
+                                           record, writer),
+                         errors=WORKDIR_ERRORS)
     logging.info("%s | %.1fs", line, time.time() - t0)
+    stop = guard.agree()  # before the branches: a collective
     if bad_evals > patience:
       logging.info("early stop: %s did not improve for %d evaluations",
                    metric, bad_evals)
-    elif guard.requested and meta.epoch < config.train.epochs:
+    elif stop and meta.epoch < config.train.epochs:
       raise checkpointing.Preempted(
           f"stopped by {guard.signal_name} at step {step} (end of epoch "
           f"{epoch}); checkpoint saved to "
