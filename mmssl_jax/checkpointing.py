@@ -590,15 +590,22 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any],
   """(dotted field, saved value, new value) for fields that differ.
 
   Fields in `ignore` (and their sub-fields) are skipped; a field present in
-  only one config differs (value `None` stands for absent in messages).
+  only one config differs (value `None` stands for absent in messages),
+  except a field added to the library after the run was saved: absent from
+  `saved` and equal to its `config_lib.base_config()` default in `new`, it
+  cannot have changed the run.
   """
+  from mmssl_jax import config_lib  # local: config_lib is not needed otherwise
   a, b = _flatten(saved), _flatten(new)
+  defaults = _flatten(json.loads(config_lib.base_config().to_json()))
   skip = lambda k: any(k == f or k.startswith(f + ".") for f in ignore)
   out = []
   for key in sorted(set(a) | set(b)):
     if skip(key):
       continue
     va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+    if va is _ABSENT and key in defaults and vb == defaults[key]:
+      continue
     if va != vb:
       out.append((key, None if va is _ABSENT else va,
                   None if vb is _ABSENT else vb))

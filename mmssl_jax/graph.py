@@ -484,7 +484,7 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
                     row_constraint=None, block_constraint=None) -> jax.Array:
   """n(x_r) F for the critic's "real" rows (§3.5), blockwise, no (B, I) array.
 
-  x_r = softmax_i((logits + s_g g) / tau) + kappa * n(S), S the masked model
+  x_r = softmax_i(losses.gumbel_logits(R, g)) + kappa * n(S), S the masked model
   scores (u* i*^T)(1 - R): the rows of `losses.gumbel_real_rows` (same
   switches) before their final `l2_normalize`, whose projection onto
   F (I, r) is returned. Two scans over item blocks: the first accumulates
@@ -523,13 +523,12 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
     valid = (start + jnp.arange(bs)) < n_items
     if not use_gumbel:
       return r, s, None
-    logits = r
-    if log_logits:
-      logits = jnp.log(r / jnp.maximum(counts, 1.0) + _LOG_EPS)
     xi = block_uniform(key, b, x["j"], bs)
     gumbel = -jnp.log(-jnp.log(xi + _LOG_EPS) + _LOG_EPS)
-    z = rows_c(jnp.where(valid, (logits + gumbel_scale * gumbel) / tau,
-                         -jnp.inf))
+    logits = losses.gumbel_logits(
+        interactions=r, gumbel=gumbel, counts=counts,
+        gumbel_scale=gumbel_scale, tau=tau, log_logits=log_logits)
+    z = rows_c(jnp.where(valid, logits, -jnp.inf))
     return r, s, z
 
   def stats_body(carry, x):

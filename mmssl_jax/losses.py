@@ -109,6 +109,34 @@ def feature_l2(*, user_feats: Sequence[chex.Array],
   return decay * 0.5 * sq / n_items
 
 
+def gumbel_logits(*, interactions: chex.Array, gumbel: chex.Array,
+                  counts: chex.Array, gumbel_scale: float, tau: float,
+                  log_logits: bool) -> chex.Array:
+  """The logits whose softmax over items is the real rows' observed part.
+
+  Reference (log_logits=False), as the released code computes it (§3.5):
+    R + s_g * g / tau.
+  The released expression is `softmax(u_ui - s_g*log(-log(xi+1e-8)+1e-8)/tau)`:
+  by operator precedence only the noise term is divided by tau, so the 0/1
+  row R enters the softmax at temperature 1 (mass e/(k e + I - k) on each of
+  the k positives, 1/(k e + I - k) elsewhere) and `real_data_tau` only scales
+  the noise. `mmssl_reference.md` §3.5 writes (R + s_g g)/tau, which would put
+  all the mass on the positives; we follow the code (README, "Fidelity").
+  Paper (log_logits=True), a Gumbel-softmax sample of one observed item:
+    (log(R / |R|_1 + 1e-8) + s_g * g) / tau.
+
+  Args:
+    interactions: (B, n) 0/1 rows (or an item block of them).
+    gumbel: (B, n) standard Gumbel noise g.
+    counts: (B, 1) |R|_1 of the full rows.
+    gumbel_scale, tau, log_logits: as `gumbel_real_rows`.
+  """
+  if log_logits:
+    logp = jnp.log(interactions / jnp.maximum(counts, 1.0) + _LOG_EPS)
+    return (logp + gumbel_scale * gumbel) / tau
+  return interactions + gumbel_scale * gumbel / tau
+
+
 def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
                      model_rows: chex.Array, gumbel_scale: float, tau: float,
                      ui_pre_scale: float,
@@ -116,19 +144,17 @@ def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
                      log_logits: bool = False) -> chex.Array:
   """The critic's "real" rows, section 3.5 (Gumbel transform + augmentation).
 
-  With use_gumbel (the reference):
-    x_r = n( softmax_i((R + s_g * g) / tau) + kappa * model_rows ),
-    g = -log(-log(xi + 1e-8) + 1e-8),  xi = jax.random.uniform(key, (B, I)).
-  With use_gumbel=False (the `wo_gt` ablation), the softmax is replaced by its
-  noise-free limit, the L1-normalised interactions:
+  With use_gumbel:
+    x_r = n( softmax_i(gumbel_logits(R, g)) + kappa * model_rows ),
+    g = -log(-log(xi + 1e-8) + 1e-8),  xi = jax.random.uniform(key, (B, I)),
+  where the reference's logits are R + s_g * g / tau (see `gumbel_logits` for
+  why tau divides only the noise). With use_gumbel=False (the `wo_gt`
+  ablation), the softmax is replaced by the L1-normalised interactions:
     x_r = n( R / max(sum_i R, 1) + kappa * model_rows ).
-  (The two differ on an all-zero row: the softmax is uniform there, the
-  L1-normalised row is zero. Batch users always have train items.)
   n is the row-wise `l2_normalize`. At the reference defaults (s_g = 1e-5,
-  tau = 0.005) the softmax puts all its mass on the k positives (e^-200 off
-  them), but the logit noise s_g/tau * g = 0.002 * g (g in [-2.9, 16] in
-  float32) still moves each positive's mass 1/k by about 0.3% (at most 4%);
-  after the kappa = 100 mixing that is below 1e-4 of a unit row.
+  kappa = 100) the observed part has an L2 norm of about
+  sqrt(I) / (k e + I - k) (0.012 on TikTok) against kappa on the unit-norm
+  model row: the real rows are n(model_rows) up to about 1e-4.
 
   The reference duplicates the B rows to 2B to match the fake rows; the caller
   does that. The reference computes these rows without gradients; the caller
@@ -142,12 +168,9 @@ def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
     tau: tau_r (`real_data_tau`).
     ui_pre_scale: kappa (`ui_pre_scale`, 100 in the reference).
     use_gumbel: False for the `wo_gt` ablation.
-    log_logits: the paper variant's fix. The reference feeds the 0/1 row R as
-      logits, so a Gumbel sample barely moves it; with log_logits the logits
-      are log(R / |R|_1 + 1e-8), the log-probabilities of the user's observed
-      items, and softmax((log p + s_g * g) / tau) with s_g = 1 is a
-      Gumbel-softmax sample of one observed item (a soft one-hot for small
-      tau, the uniform R / |R|_1 for large tau).
+    log_logits: the paper variant's fix: a Gumbel-softmax sample of the
+      user's observed items (a soft one-hot for small tau, the uniform
+      R / |R|_1 for large tau); see `gumbel_logits`.
 
   Returns:
     (B, I) float rows of unit L2 norm.
@@ -155,17 +178,15 @@ def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
   chex.assert_rank(interactions, 2)
   chex.assert_equal_shape([interactions, model_rows])
   interactions = interactions.astype(model_rows.dtype)
+  counts = jnp.sum(interactions, axis=-1, keepdims=True)
   if use_gumbel:
     xi = jax.random.uniform(key, interactions.shape, model_rows.dtype)
     gumbel = -jnp.log(-jnp.log(xi + _LOG_EPS) + _LOG_EPS)
-    logits = interactions
-    if log_logits:
-      counts = jnp.sum(interactions, axis=-1, keepdims=True)
-      logits = jnp.log(interactions / jnp.maximum(counts, 1.0) + _LOG_EPS)
-    observed = jax.nn.softmax((logits + gumbel_scale * gumbel) / tau,
-                              axis=-1)
+    observed = jax.nn.softmax(
+        gumbel_logits(interactions=interactions, gumbel=gumbel, counts=counts,
+                      gumbel_scale=gumbel_scale, tau=tau,
+                      log_logits=log_logits), axis=-1)
   else:
-    counts = jnp.sum(interactions, axis=-1, keepdims=True)
     observed = interactions / jnp.maximum(counts, 1.0)
   return l2_normalize(observed + ui_pre_scale * model_rows)
 

@@ -271,7 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("config field %s changed from %r to %r", field, old, new)
   logging.info("%s", ds.summary())
   run = Run(config, ds)
-  if int(config.train.get("data_parallel", 1)) != 1:
+  if (int(config.train.get("data_parallel", 1)) != 1
+      or int(config.train.get("item_parallel", 1)) != 1):
     from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
     try:
       parallel.shard_run(run, parallel.make_mesh(config))

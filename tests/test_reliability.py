@@ -170,6 +170,18 @@ def test_config_differences_ignore_only_resumable_fields():
       old, new)
 
 
+def test_field_added_after_a_run_was_saved_is_unchanged_at_its_default():
+  old = checkpointing.config_to_json(_config())
+  del old["train"]["item_parallel"]  # a workdir saved before the field existed
+  new_config = _config()
+  assert checkpointing.config_differences(
+      old, checkpointing.config_to_json(new_config)) == []
+  new_config.train.item_parallel = 2
+  assert checkpointing.config_differences(
+      old, checkpointing.config_to_json(new_config)) == [
+          ("train.item_parallel", None, 2)]
+
+
 def test_deterministic_flag_is_added_once():
   env = {"XLA_FLAGS": "--xla_foo=1"}
   main_lib.set_deterministic_xla_flags(env)
