@@ -136,5 +136,16 @@ def main(argv):
           "checkpoint, if any", 130)
 
 
+def parse_flags(argv):
+  """absl's parser, with a bad `--config.<field>=` override (misspelled
+  field, wrong type) reported as one `error:` line, exit status 2 (usage)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections wraps its KeyError message in quotes with escapes.
+    detail = str(e).replace("\\n", ". ").replace("\\'", "").strip("'\"")
+    _fail(f"bad --config override: {' '.join(detail.split())}", 2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

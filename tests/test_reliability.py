@@ -316,3 +316,16 @@ def test_restore_best_gives_the_best_epoch_state(stopped_run, hooks):
   assert np.all(np.isfinite(jax.device_get(user)))
   assert restored.run.evaluate(restored.state, "val") == restored.meta.best[
       "val"]
+
+
+def test_cli_misspelled_config_field_is_one_line_usage_error(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      _cli("--config=configs/test.py", "--config.train.epoch=3",
+           workdir=workdir),
+      cwd=helpers.REPO_ROOT, capture_output=True, text=True,
+      env=_env(tmp_path / "jax_cache"), timeout=CLI_TIMEOUT_S)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  _assert_one_error_line(proc.stderr, "bad --config override", "epoch",
+                         'Did you mean "epochs"')
+  assert not workdir.exists()
