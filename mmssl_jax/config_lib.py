@@ -167,6 +167,10 @@ def paper(c: ml_collections.ConfigDict) -> None:
   c.variant = "paper"
   c.model.fusion = "attention"  # real cross-modal attention (§8.1 item 3)
   c.graph_update.schedule = "persistent"  # per-user top-k graphs (items 1, 2)
+  # The Baby settings' m_topk_rate = 1e-4 gives k = 0 (no modality graph at
+  # all, §6.2); the paper's modality-aware graphs need k >= 1, so the paper
+  # variant uses at least TikTok's rate (k = 1% of the items).
+  c.graph_update.m_topk_rate = max(c.graph_update.m_topk_rate, 0.01)
   c.critic.negative_slope = 0.2  # a real nonlinearity (item 4)
   c.critic.batch_norm = False
   c.critic.sigmoid_output = False  # unbounded WGAN critic

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from mmssl_jax import config_lib
 from mmssl_jax import graph as graph_lib
 from mmssl_jax import losses
@@ -208,3 +210,17 @@ def test_paper_variant_runs_with_three_modalities():
     assert float(jnp.abs(state.modality_graphs[m].to_user_weight).sum()) > 0
   b = config.train.batch_size
   assert abs(terms["cl"] - 3 * np.log(2 * b - 1)) > 1e-3
+
+
+def test_paper_variant_has_a_modality_graph_under_the_baby_settings():
+  """The Baby settings give k = 0 (§6.2), which the persistent schedule
+  cannot use; the paper variant raises the rate to 1% of the items and keeps
+  a dataset's larger rate."""
+  ml100k = helpers.load_config("ml100k")
+  assert steps.topk_k(ml100k, 1682) == 0
+  paper_ml100k = helpers.load_config("ml100k", "variant=paper")
+  assert steps.topk_k(paper_ml100k, 1682) == 16
+  assert steps.topk_k(helpers.load_config("tiktok", "variant=paper"),
+                      6710) == 67
+  assert helpers.load_config("sports", "variant=paper"
+                             ).graph_update.m_topk_rate == 0.02
