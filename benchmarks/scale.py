@@ -87,6 +87,10 @@ def config_for(kind: str):
   return c
 
 
+def _peak_rss_gib() -> float:
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
 def run_one(kind: str, n_items: int) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
@@ -101,10 +105,12 @@ def run_one(kind: str, n_items: int) -> dict:
   run = train.Run(config, ds)
   state = run.init_state()
   setup_s = time.perf_counter() - t0
+  rss_setup = _peak_rss_gib()
   t0 = time.perf_counter()
   state, terms = run.step(state, jnp.int32(0), run.inputs)
   jax.block_until_ready(terms)
   compile_s = time.perf_counter() - t0
+  rss_compile = _peak_rss_gib()
   times = []
   for i in range(FLAGS.iters):
     t0 = time.perf_counter()
@@ -126,8 +132,11 @@ def run_one(kind: str, n_items: int) -> dict:
       "iter_s_min": round(times[0], 3), "iters": FLAGS.iters,
       "finite": bool(all(map(lambda v: bool(jnp.isfinite(v)),
                              terms.values()))),
-      "peak_rss_gib": round(resource.getrusage(
-          resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+      # Peak RSS so far after data + state setup, after the first (compiled)
+      # step, and at the end: tells setup memory from step memory.
+      "peak_rss_after_setup_gib": rss_setup,
+      "peak_rss_after_first_step_gib": rss_compile,
+      "peak_rss_gib": _peak_rss_gib(),
       "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
   }
   stats = jax.devices()[0].memory_stats() or {}
