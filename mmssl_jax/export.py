@@ -173,20 +173,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
                  ) -> dict[str, flags.FlagHolder]:
   """Defines the flags on `flag_values` (the global FLAGS only when run as a
   program: no clash with `mmssl_jax.main`'s --workdir on import)."""
-  fv = flag_values
+  from mmssl_jax import recommend  # pylint: disable=g-import-not-at-top
   return {
-      "workdir": flags.DEFINE_string(
-          "workdir", None, "Training workdir (config.json + checkpoints/).",
-          required=True, flag_values=fv),
+      **recommend.define_run_flags(flag_values),
       "output": flags.DEFINE_string(
           "output", None, "Folder to write; must be new or empty.",
-          required=True, flag_values=fv),
-      "data_dir": flags.DEFINE_string(
-          "data_dir", None, "Dataset folder, if it moved since training "
-          "(overrides config.data.dir).", flag_values=fv),
-      "checkpoint": flags.DEFINE_string(
-          "checkpoint", "best", "Which checkpoint: best (validation), latest "
-          "or a step number.", flag_values=fv),
+          required=True, flag_values=flag_values),
   }
 
 

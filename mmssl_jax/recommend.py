@@ -320,6 +320,24 @@ def parse_checkpoint(value: str) -> str | int:
                   "number")
 
 
+def define_run_flags(flag_values: flags.FlagValues
+                     ) -> dict[str, flags.FlagHolder]:
+  """--workdir, --data_dir and --checkpoint: which trained run to load
+  (`checkpointing.restore_run`), shared by `recommend` and `export`."""
+  fv = flag_values
+  return {
+      "workdir": flags.DEFINE_string(
+          "workdir", None, "Training workdir (config.json + checkpoints/).",
+          required=True, flag_values=fv),
+      "data_dir": flags.DEFINE_string(
+          "data_dir", None, "Dataset folder, if it moved since training "
+          "(overrides config.data.dir).", flag_values=fv),
+      "checkpoint": flags.DEFINE_string(
+          "checkpoint", "best", "Which checkpoint: best (validation), latest "
+          "or a step number.", flag_values=fv),
+  }
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS
                  ) -> dict[str, flags.FlagHolder]:
   """Defines the flags on `flag_values` (the global FLAGS only when run as a
@@ -327,9 +345,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
   --workdir)."""
   fv = flag_values
   f = {
-      "workdir": flags.DEFINE_string(
-          "workdir", None, "Training workdir (config.json + checkpoints/).",
-          required=True, flag_values=fv),
+      **define_run_flags(fv),
       "users": flags.DEFINE_string(
           "users", None, "User ids, comma-separated (e.g. 3,17,42).",
           flag_values=fv),
@@ -346,12 +362,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
       "output": flags.DEFINE_string(
           "output", None, "Write to this file (must not exist) instead of "
           "stdout.", flag_values=fv),
-      "data_dir": flags.DEFINE_string(
-          "data_dir", None, "Dataset folder, if it moved since training "
-          "(overrides config.data.dir).", flag_values=fv),
-      "checkpoint": flags.DEFINE_string(
-          "checkpoint", "best", "Which checkpoint: best (validation), latest "
-          "or a step number.", flag_values=fv),
       "block_users": flags.DEFINE_integer(
           "block_users", DEFAULT_BLOCK_USERS, "Users scored at a time.",
           flag_values=fv),
