@@ -34,6 +34,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from mmssl_jax import noise
+
 Params = dict[str, dict[str, chex.Array]]
 BatchStats = dict[str, dict[str, chex.Array]]
 
@@ -186,8 +188,7 @@ def _batch_norm(h: chex.Array, bn: Mapping[str, chex.Array],
 
 def _dropout(key: chex.PRNGKey, h: chex.Array, rate: float) -> chex.Array:
   """Inverted dropout (torch): zero w.p. rate, scale the rest by 1/(1-rate)."""
-  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
-  return jnp.where(keep, h / (1.0 - rate), 0.0)
+  return noise.dropout(key, h, rate)
 
 
 def dense_critic_apply(

@@ -63,10 +63,10 @@ class ExportError(ValueError):
 
 
 @functools.partial(jax.jit, static_argnames=("hp",))
-def _mmssl_views(state, inputs, *, hp):
+def _mmssl_views(state, inputs, is_base, *, hp):
   out = model_lib.forward(state.params, inputs.graph, inputs.features,
                           state.modality_graphs, key=state.rng, train=False,
-                          hp=hp)
+                          hp=hp, modality_is_base=is_base)
   return out.feat_user, out.feat_item, out.modality_user, out.modality_item
 
 
@@ -82,7 +82,7 @@ def representations(restored) -> dict[str, np.ndarray]:
   user, item = run.final_embeddings(state)
   out = {"user_embeddings": user, "item_embeddings": item}
   if config.model.name == "mmssl":
-    views = _mmssl_views(state, run.inputs,
+    views = _mmssl_views(state, run.inputs, run.modality_is_base(state),
                          hp=model_lib.ModelHParams.from_config(config.model))
     for prefix, view in zip(("feat_user", "feat_item", "modality_user",
                              "modality_item"), views):

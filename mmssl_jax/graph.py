@@ -27,6 +27,7 @@ import jraph
 import numpy as np
 
 from mmssl_jax import losses
+from mmssl_jax import noise
 
 # The released code adds 1e-8 inside the inverse square root (`csr_norm`).
 DEGREE_EPS = 1e-8
@@ -44,6 +45,14 @@ class BipartiteGraph(NamedTuple):
       the edges must be sorted by user, and `item_order` (E,) sorts them by
       item with `item_indptr` (I+1,) the row pointers of A_IU in that order.
       `build_graph`, `sort_graph` and `pad_graph` fill them in.
+    users_by_item, to_user_weight_by_item, to_item_weight_by_item: with the
+      CSR fields, `users`, `to_user_weight` and `to_item_weight` permuted by
+      `item_order`: the item-major CSR data, gathered once per graph, not in
+      every product (a product's backward pass keeps the transposed CSR as
+      its residual, which then is the graph itself, not a copy per call).
+      They must agree with the user-major fields: build graphs with
+      `with_csr` (or the builders above), and change weights in all four
+      weight fields.
   Padding edges (fixed-capacity graphs) carry weight 0.
 
   With the CSR fields, products run as CSR x dense kernels
@@ -61,6 +70,9 @@ class BipartiteGraph(NamedTuple):
   user_indptr: jax.Array | np.ndarray | None = None
   item_order: jax.Array | np.ndarray | None = None
   item_indptr: jax.Array | np.ndarray | None = None
+  users_by_item: jax.Array | np.ndarray | None = None
+  to_user_weight_by_item: jax.Array | np.ndarray | None = None
+  to_item_weight_by_item: jax.Array | np.ndarray | None = None
 
   @property
   def n_edges(self) -> int:
@@ -125,8 +137,11 @@ def with_csr(graph: BipartiteGraph, n_users: int,
   item_indptr = xp.searchsorted(graph.items[item_order],
                                 xp.arange(n_items + 1),
                                 side="left").astype(xp.int32)
-  return graph._replace(user_indptr=user_indptr, item_order=item_order,
-                        item_indptr=item_indptr)
+  return graph._replace(
+      user_indptr=user_indptr, item_order=item_order, item_indptr=item_indptr,
+      users_by_item=graph.users[item_order],
+      to_user_weight_by_item=graph.to_user_weight[item_order],
+      to_item_weight_by_item=graph.to_item_weight[item_order])
 
 
 def sort_graph(users, items, valid, n_users: int,
@@ -144,6 +159,35 @@ def sort_graph(users, items, valid, n_users: int,
   to_user, to_item = one_sided_weights(users, items, valid, n_users, n_items)
   graph = BipartiteGraph(users, items, to_user, to_item)
   return with_csr(graph, n_users, n_items) if csr else graph
+
+
+def empty_graph(capacity: int, n_users: int, n_items: int, *,
+                csr: bool = True) -> BipartiteGraph:
+  """An all-zero modality graph of `capacity` edges, jit-able, no sort.
+
+  Equal to `sort_graph` of `capacity` invalid pairs (every edge joins the
+  last user and the last item with weight 0), which is what the reference
+  schedule rebuilds from an empty list (§4.4) on all but one step of each
+  epoch at T = 1: building it directly skips the argsorts.
+  """
+  users = jnp.full((capacity,), n_users - 1, jnp.int32)
+  items = jnp.full((capacity,), n_items - 1, jnp.int32)
+  # Two buffers, not one aliased twice: the train state is donated.
+  graph = BipartiteGraph(users, items, jnp.zeros((capacity,), jnp.float32),
+                         jnp.zeros((capacity,), jnp.float32))
+  if not csr:
+    return graph
+  last = lambda n: jnp.where(jnp.arange(n + 1) < n, 0, capacity).astype(
+      jnp.int32)
+  return graph._replace(user_indptr=last(n_users),
+                        item_order=jnp.arange(capacity, dtype=jnp.int32),
+                        item_indptr=last(n_items),
+                        users_by_item=jnp.full((capacity,), n_users - 1,
+                                               jnp.int32),
+                        to_user_weight_by_item=jnp.zeros((capacity,),
+                                                         jnp.float32),
+                        to_item_weight_by_item=jnp.zeros((capacity,),
+                                                         jnp.float32))
 
 
 def topk_table_graph(table: jax.Array, refreshed: jax.Array, n_items: int,
@@ -179,7 +223,9 @@ def without_csr(graph: BipartiteGraph) -> BipartiteGraph:
   The CSR products are `jax.experimental.sparse` custom calls that XLA's
   SPMD partitioner cannot split; sharded runs use this form.
   """
-  return graph._replace(user_indptr=None, item_order=None, item_indptr=None)
+  return graph._replace(user_indptr=None, item_order=None, item_indptr=None,
+                        users_by_item=None, to_user_weight_by_item=None,
+                        to_item_weight_by_item=None)
 
 
 def pad_graph(graph: BipartiteGraph, capacity: int, n_users: int,
@@ -229,12 +275,12 @@ _csr_matmul.defvjp(_csr_matmul_fwd, _csr_matmul_bwd)
 
 def _csr_pair(graph: BipartiteGraph, to: str):
   """(A, A^T) as CSR triples (data, indices, indptr) towards users or items."""
-  order = graph.item_order
-  users_by_item = graph.users[order]
   if to == "users":  # A_UI over the user-sorted edges, A_UI^T by item
     return ((graph.to_user_weight, graph.items, graph.user_indptr),
-            (graph.to_user_weight[order], users_by_item, graph.item_indptr))
-  return ((graph.to_item_weight[order], users_by_item, graph.item_indptr),
+            (graph.to_user_weight_by_item, graph.users_by_item,
+             graph.item_indptr))
+  return ((graph.to_item_weight_by_item, graph.users_by_item,
+           graph.item_indptr),
           (graph.to_item_weight, graph.items, graph.user_indptr))
 
 
@@ -322,6 +368,82 @@ def generated_rows(user_repr: jax.Array, item_repr: jax.Array,
   scores = scores * (1.0 - interactions)
   return losses.l2_normalize(scores)
 
+
+
+class BatchPositives(NamedTuple):
+  """The batch users' training items as a flat, padded edge list.
+
+  rows: (E,) int32 batch row b of each entry; items: (E,) int32 item ids;
+  valid: (E,) bool (False marks padding, which points at row 0, item 0).
+  """
+
+  rows: jax.Array
+  items: jax.Array
+  valid: jax.Array
+
+
+def batch_positives(item_lists: jax.Array, capacity: int | None = None
+                    ) -> BatchPositives:
+  """Compacts padded (B, L) item lists (-1 = padding) into `capacity` entries.
+
+  `capacity` must be at least the number of valid entries (the sum of the B
+  largest training degrees bounds it: `steps.Shapes.batch_positives`); None
+  keeps all B * L slots. Padded lists are as long as the longest user's
+  (603 items on TikTok, where the mean is 6.4), so compaction is what makes
+  per-positive work O(edges of the batch), not O(B * L).
+  """
+  b, length = item_lists.shape
+  valid = (item_lists >= 0).reshape(-1)
+  rows = jnp.repeat(jnp.arange(b, dtype=jnp.int32), length)
+  items = jnp.maximum(item_lists.reshape(-1), 0).astype(jnp.int32)
+  if capacity is None or capacity >= b * length:
+    return BatchPositives(jnp.where(valid, rows, 0), items * valid, valid)
+  slot = jnp.where(valid, jnp.cumsum(valid) - 1, capacity)
+  put = lambda x: jnp.zeros((capacity,), x.dtype).at[slot].set(x, mode="drop")
+  return BatchPositives(put(rows), put(items), put(valid))
+
+
+def generated_rows_projection(user_repr: jax.Array, item_repr: jax.Array,
+                              positives: BatchPositives, factor: jax.Array, *,
+                              eps: float = 1e-12) -> jax.Array:
+  """n(S) F for the generated rows S = (P Q^T)(1 - R) (§3.4), in Gram form.
+
+  The low-rank critic only ever needs a generated row through its projection
+  onto the first-layer factor F (I, r), and both that projection and the
+  row norm factor through item-side Gram matrices:
+
+    S F = P (Q^T F) - sum_{i in R_b} (P_b . Q_i) F_i
+    ||S_b||^2 = P_b (Q^T Q) P_b^T - sum_{i in R_b} (P_b . Q_i)^2
+
+  so the cost is O(I d (r + d) + B d (r + d) + E (d + r)) for E batch
+  positives, with no (B, I) product at all, against O(B I (d + r)) for
+  `generated_rows(...) @ F` or `fused_generated_rows`. Equal to them up to
+  float rounding (the masked squares are subtracted from the full sum, so a
+  row whose unmasked scores all vanish loses relative precision; the clamp
+  at eps^2 keeps it finite, as `losses.l2_normalize` does). Differentiable
+  w.r.t. P, Q and F.
+
+  Args:
+    user_repr: P, (B, d) user representations of the batch.
+    item_repr: Q, (I, d) item representations.
+    positives: the batch's training items R (`batch_positives`).
+    factor: F (I, r).
+    eps: as `losses.l2_normalize`.
+
+  Returns:
+    (B, r) projections of the unit-norm generated rows.
+  """
+  b = user_repr.shape[0]
+  valid = positives.valid.astype(user_repr.dtype)
+  s_pos = valid * jnp.sum(user_repr[positives.rows] *
+                          item_repr[positives.items], axis=-1)      # (E,)
+  correction = jraph.segment_sum(s_pos[:, None] * factor[positives.items],
+                                 positives.rows, b)
+  sf = user_repr @ (item_repr.T @ factor) - correction
+  gram = item_repr.T @ item_repr
+  sq = (jnp.sum((user_repr @ gram) * user_repr, axis=-1) -
+        jraph.segment_sum(jnp.square(s_pos), positives.rows, b))
+  return sf / jnp.sqrt(jnp.maximum(sq, eps * eps))[:, None]
 
 
 # ----------------------------------------------------------------------------
@@ -469,11 +591,12 @@ def block_uniform(key: jax.Array, n_rows: int, block: int,
                   block_size: int) -> jax.Array:
   """The U(0, 1) draws of one item block of `fused_real_rows`' Gumbel noise.
 
-  Block j uses fold_in(key, j), so both passes (and the backward pass) see
-  the same noise; the dense equivalent is these blocks concatenated.
+  Columns block * block_size ... of `noise.uniform(key, (n_rows, I))`: both
+  passes (and the backward pass) see the same noise, and so does the dense
+  path (`losses.gumbel_real_rows`) for the same key.
   """
-  return jax.random.uniform(jax.random.fold_in(key, block),
-                            (n_rows, block_size), jnp.float32)
+  return noise.uniform(key, (n_rows, block_size),
+                       col_offset=block * block_size)
 
 
 def fused_real_rows(key: jax.Array, user_repr: jax.Array,
@@ -490,8 +613,8 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
   F (I, r) is returned. Two scans over item blocks: the first accumulates
   ||S||^2 and the softmax's running max and sum, the second
   x_r,b F_b and ||x_r,b||^2. The Gumbel uniforms of block j are
-  `block_uniform(key, B, j, block_size)` (not the dense path's single
-  (B, I) draw, so the two paths draw different noise from one key).
+  `block_uniform(key, B, j, block_size)`, the dense path's draw for the
+  same key restricted to the block's items.
   Differentiable w.r.t. F (the critic's U); the rows themselves are
   constants of the critic step, like the reference's no-grad real rows.
 

@@ -15,6 +15,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from mmssl_jax import noise
+
 # The reference adds 1e-8 inside both logarithms of the Gumbel transform and
 # inside the InfoNCE logarithm (sections 3.5 and 3.6).
 _LOG_EPS = 1e-8
@@ -146,7 +148,7 @@ def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
 
   With use_gumbel:
     x_r = n( softmax_i(gumbel_logits(R, g)) + kappa * model_rows ),
-    g = -log(-log(xi + 1e-8) + 1e-8),  xi = jax.random.uniform(key, (B, I)),
+    g = -log(-log(xi + 1e-8) + 1e-8),  xi = noise.uniform(key, (B, I)),
   where the reference's logits are R + s_g * g / tau (see `gumbel_logits` for
   why tau divides only the noise). With use_gumbel=False (the `wo_gt`
   ablation), the softmax is replaced by the L1-normalised interactions:
@@ -180,7 +182,7 @@ def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
   interactions = interactions.astype(model_rows.dtype)
   counts = jnp.sum(interactions, axis=-1, keepdims=True)
   if use_gumbel:
-    xi = jax.random.uniform(key, interactions.shape, model_rows.dtype)
+    xi = noise.uniform(key, interactions.shape, dtype=model_rows.dtype)
     gumbel = -jnp.log(-jnp.log(xi + _LOG_EPS) + _LOG_EPS)
     observed = jax.nn.softmax(
         gumbel_logits(interactions=interactions, gumbel=gumbel, counts=counts,

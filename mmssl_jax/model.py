@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from mmssl_jax import graph as graph_lib
 from mmssl_jax import losses
+from mmssl_jax import noise
 
 Array = jax.Array
 Params = dict
@@ -118,8 +119,7 @@ def init_params(key, *, n_users: int, n_items: int,
 def _dropout(key, x, rate: float, train: bool):
   if not train or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0)
+  return noise.dropout(key, x, rate)
 
 
 def cross_modal_attention(attention: Params, views: Array, head_num: int
@@ -176,7 +176,8 @@ def fuse_modalities(params: Params, views: list[Array],
 def forward(params: Params, base_graph: graph_lib.BipartiteGraph,
             features: Mapping[str, Array],
             modality_graphs: Mapping[str, graph_lib.BipartiteGraph], *,
-            key: Array, train: bool, hp: ModelHParams) -> ForwardOutput:
+            key: Array, train: bool, hp: ModelHParams,
+            modality_is_base: Array | bool | None = None) -> ForwardOutput:
   """MMSSL recommender forward (§2.3 a-h).
 
   Args:
@@ -188,6 +189,11 @@ def forward(params: Params, base_graph: graph_lib.BipartiteGraph,
     key: dropout key (ignored when train=False).
     train: dropout on/off.
     hp: static hyper-parameters.
+    modality_is_base: a (traced) bool: True adds `base_graph` to every
+      modality graph, which G^m equals until its first regeneration (§2.1,
+      §4.4) while the state's graphs are still empty, so the state needs no
+      n_train-edge copy per modality (`steps.modality_graph_is_base`).
+      None: use `modality_graphs` alone.
   """
   user_id = params["user_id_embedding"]
   item_id = params["item_id_embedding"]
@@ -201,9 +207,18 @@ def forward(params: Params, base_graph: graph_lib.BipartiteGraph,
                  hp.drop_rate, train)                                   # (a)
     feat_user[m] = graph_lib.to_users(base_graph, x, n_users)          # (b)
     feat_item[m] = graph_lib.to_items(base_graph, feat_user[m], n_items)
-    g = modality_graphs[m]
-    mod_user[m] = graph_lib.to_users(g, item_id, n_users)              # (c)
-    mod_item[m] = graph_lib.to_items(g, user_id, n_items)
+  for m in features:                                                   # (c)
+    mod_user[m] = graph_lib.to_users(modality_graphs[m], item_id, n_users)
+    mod_item[m] = graph_lib.to_items(modality_graphs[m], user_id, n_items)
+  if modality_is_base is not None:
+    # The state's G^m is all-zero until its first regeneration; the base
+    # graph's share is switched by a 0/1 factor, not a lax.cond, whose
+    # linearisation would copy the graph's arrays as residuals.
+    base = jnp.asarray(modality_is_base, item_id.dtype)
+    base_user = base * graph_lib.to_users(base_graph, item_id, n_users)
+    base_item = base * graph_lib.to_items(base_graph, user_id, n_items)
+    mod_user = {m: v + base_user for m, v in mod_user.items()}
+    mod_item = {m: v + base_item for m, v in mod_item.items()}
   fused_user = fuse_modalities(params, list(mod_user.values()), hp)    # (d)
   fused_item = fuse_modalities(params, list(mod_item.values()), hp)
   user_ego = user_id + hp.id_cat_rate * n(fused_user)                  # (e)

@@ -49,6 +49,21 @@ class Shapes:
   n_items: int
   n_train: int
   modalities: tuple[str, ...]
+  # Most training items a batch can hold (`batch_positives_capacity`); None:
+  # B times the longest training list.
+  batch_positives: int | None = None
+
+
+def batch_positives_capacity(degrees, batch_size: int) -> int:
+  """Most training items B sampled users can have: static, from the data.
+
+  The sum of the B largest training degrees when users are drawn without
+  replacement (B <= users with items, §4.2), else B times the largest.
+  """
+  degrees = sorted((int(d) for d in degrees if d > 0), reverse=True)
+  if batch_size > len(degrees):
+    return max(1, batch_size * degrees[0]) if degrees else 1
+  return max(1, sum(degrees[:batch_size]))
 
 
 def topk_k(config, n_items: int) -> int:
@@ -129,7 +144,10 @@ def _pair_topk(users, top_items, pairing: str):
 
 
 def _top_items(gen_rows, top_items, k: int):
-  """modality -> (B, k) top-k item ids: given, or from the generated rows."""
+  """modality -> (B, k) top-k item ids: given, computed by `top_items()` when
+  it is a function (only in the branch that appends), or from the rows."""
+  if callable(top_items):
+    return top_items()
   if top_items is not None:
     return top_items
   return {m: jax.lax.top_k(rows, k)[1].astype(jnp.int32)
@@ -145,9 +163,10 @@ def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
   accumulated pairs (one-sided weights, duplicates summed) and clear the
   lists; the current batch is not added. Otherwise append this batch's top-k
   pairs. An empty list gives an all-zero graph. `top_items` (modality ->
-  (B, k) ids, from the blockwise generator) replaces the top-k of
-  `gen_rows` (then None). Rebuilt graphs keep the CSR fields only if the
-  current ones have them.
+  (B, k) ids, or a function returning them, called only where pairs are
+  appended) replaces the top-k of `gen_rows` (then None). A rebuild from an
+  empty list is `graph.empty_graph` (no sort). Rebuilt graphs keep the CSR
+  fields only if the current ones have them.
   """
   rebuild = (batch_idx > 0) & (batch_idx % period == 0)
 
@@ -162,9 +181,14 @@ def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
         u = u.at[:n_buf].set(buffer.users[m])
         i = i.at[:n_buf].set(buffer.items[m])
       valid = jnp.arange(capacity) < buffer.length
-      new[m] = graph_lib.sort_graph(
-          u, i, valid, n_users, n_items,
-          csr=graphs[m].user_indptr is not None)
+      csr = graphs[m].user_indptr is not None
+      new[m] = jax.lax.cond(
+          buffer.length > 0,
+          lambda u, i, valid: graph_lib.sort_graph(u, i, valid, n_users,
+                                                   n_items, csr=csr),
+          lambda *_: graph_lib.empty_graph(capacity, n_users, n_items,
+                                           csr=csr),
+          u, i, valid)
     return new, buffer._replace(length=jnp.zeros((), jnp.int32))
 
   def do_append(graphs, buffer):
@@ -205,6 +229,25 @@ def persistent_graph_update(graphs, table: state_lib.TopkTable, gen_rows,
   graphs = jax.lax.cond((step + 1) % period == 0, rebuild, lambda g: g,
                         graphs)
   return graphs, table
+
+
+def modality_graph_is_base(config: ml_collections.ConfigDict, shapes: Shapes,
+                           step) -> jax.Array:
+  """Whether G^m still equals the base graph in the forwards of `step`.
+
+  G^m starts as the base graph (§2.1) and is first regenerated at the end of
+  step T under the released schedule (batch index T of epoch 0; never when
+  an epoch has at most T steps, §4.4) and of step T - 1 under the
+  persistent one. Until then `model.forward` propagates over the base graph
+  (`modality_is_base`), so the state's modality graphs hold only what a
+  regeneration can produce (`init_state`).
+  """
+  t = config.graph_update.T
+  if config.graph_update.schedule == "persistent":
+    return jnp.asarray(step < t)
+  if t >= shapes.n_train // config.train.batch_size + 1:
+    return jnp.ones((), bool)
+  return jnp.asarray(step <= t)
 
 
 def uses_fused_generator(config: ml_collections.ConfigDict) -> bool:
@@ -269,21 +312,43 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
         f"graph_update.schedule='persistent' needs k >= 1, but "
         f"m_topk_rate={gu.m_topk_rate} gives k = 0 on {n_items} items")
 
+  # The low-rank critic reads a generated row only through its projection
+  # onto the factor U, which has a Gram form with no (B, I) product
+  # (`graph.generated_rows_projection`); the dense critic needs whole rows.
+  lowrank = (adversarial == "wgan"
+             and config.critic.get("kind", "dense") == "lowrank")
+  needs_rows = adversarial == "wgan" and not lowrank
+
   def gen_rows(out, users, interactions):
     return {m: constrain_rows(graph_lib.generated_rows(
         out.feat_user[m][users], out.feat_item[m], interactions,
         block_size=block)) for m in shapes.modalities}
 
-  def fused_fake(out, users, lists, factor, top_k):
-    """modality -> (projection onto factor, top-k ids), blockwise."""
-    return {m: graph_lib.fused_generated_rows(
-        out.feat_user[m][users], out.feat_item[m], lists, block_size=block,
-        factor=factor, k=top_k, **block_kw) for m in shapes.modalities}
+  def projected_fake(out, users, positives, factor):
+    """modality -> n(S^m) U (B, r), the fake rows' first-layer input."""
+    return [constrain(graph_lib.generated_rows_projection(
+        out.feat_user[m][users], out.feat_item[m], positives, factor))
+            for m in shapes.modalities]
 
   def first_layer_of_projections(critic_params, projections):
     return constrain(jnp.concatenate([
-        critic_lib.first_layer_from_projection(critic_params, constrain(z))
+        critic_lib.first_layer_from_projection(critic_params, z)
         for z in projections]))
+
+  def top_items_fn(feat_user, feat_item, lists):
+    """A function computing modality -> (B, k) top-k ids of the generated
+    rows (§4.4), called only where the graph update uses them."""
+    def top_items():
+      if fused:
+        return {m: graph_lib.fused_generated_rows(
+            feat_user[m], feat_item[m], lists, block_size=block, k=k,
+            **block_kw)[1] for m in shapes.modalities}
+      interactions = constrain_rows(graph_lib.dense_rows(lists, n_items))
+      return {m: jax.lax.top_k(constrain_rows(graph_lib.generated_rows(
+          feat_user[m], feat_item[m], interactions, block_size=block)),
+                               k)[1].astype(jnp.int32)
+              for m in shapes.modalities}
+    return top_items
 
   def step(state: TrainState, batch_idx, inputs: StepInputs):
     keys = jax.random.split(state.rng, 10)
@@ -292,13 +357,28 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
     users, pos, neg = map(constrain, sampler_lib.sample_batch(
         k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items))
     lists = constrain(inputs.sampler.train_lists[users])
+    positives = graph_lib.batch_positives(lists, shapes.batch_positives)
     interactions = None
-    if not fused or adversarial == "edge_likelihood":
+    if needs_rows or adversarial == "edge_likelihood" or (
+        lowrank and not fused):
       interactions = constrain_rows(graph_lib.dense_rows(lists, n_items))
+    is_base = modality_graph_is_base(config, shapes, state.step)
     forward = lambda p, key: model_lib.forward(
         p, inputs.graph, inputs.features, state.modality_graphs, key=key,
-        train=True, hp=hp)
+        train=True, hp=hp, modality_is_base=is_base)
     metrics = {}
+
+    def real_rows(out, users, interactions):
+      """The critic's (B, I) "real" rows (§3.5), constants of the D step."""
+      model_rows = constrain_rows(graph_lib.generated_rows(
+          out.user[users], out.item, interactions, block_size=block))
+      real = losses.gumbel_real_rows(
+          key=k_gumbel, interactions=interactions, model_rows=model_rows,
+          gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
+          ui_pre_scale=loss_cfg.ui_pre_scale,
+          use_gumbel=loss_cfg.gumbel_transform,
+          log_logits=loss_cfg.gumbel_log_logits)
+      return constrain_rows(jax.lax.stop_gradient(real))
 
     # --- Critic (D) step: no-gradient forward, then one Adam step (§4.3.2).
     critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
@@ -306,34 +386,29 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
     if adversarial == "wgan":
       out = jax.lax.stop_gradient(forward(state.params, k_fwd1))
       d_keys = (k_dreal, k_dfake, k_gp, k_gpx)
-      if fused:
+      if lowrank:
         def d_loss_fn(cp):
           factor = critic_lib.first_layer_factor(cp)
-          z_real = graph_lib.fused_real_rows(
-              k_gumbel, out.user[users], out.item, lists, factor,
-              block_size=block, gumbel_scale=loss_cfg.gumbel_scale,
-              tau=loss_cfg.real_data_tau, ui_pre_scale=loss_cfg.ui_pre_scale,
-              use_gumbel=loss_cfg.gumbel_transform,
-              log_logits=loss_cfg.gumbel_log_logits, **block_kw)
+          if fused:
+            z_real = graph_lib.fused_real_rows(
+                k_gumbel, out.user[users], out.item, lists, factor,
+                block_size=block, gumbel_scale=loss_cfg.gumbel_scale,
+                tau=loss_cfg.real_data_tau,
+                ui_pre_scale=loss_cfg.ui_pre_scale,
+                use_gumbel=loss_cfg.gumbel_transform,
+                log_logits=loss_cfg.gumbel_log_logits, **block_kw)
+          else:
+            z_real = constrain(real_rows(out, users, interactions) @ factor)
           h_real = constrain(critic_lib.first_layer_from_projection(
               cp, constrain(z_real)))
-          fake = fused_fake(out, users, lists, factor, 0)
           h_fake = first_layer_of_projections(
-              cp, [z for z, _ in fake.values()])
+              cp, projected_fake(out, users, positives, factor))
           return critic_loss_from_hidden(cp, config, critic_stats, h_real,
                                          h_fake, n_mod, d_keys)
       else:
         fake = jnp.concatenate(
             list(gen_rows(out, users, interactions).values()))
-        model_rows = constrain_rows(graph_lib.generated_rows(
-            out.user[users], out.item, interactions, block_size=block))
-        real = losses.gumbel_real_rows(
-            key=k_gumbel, interactions=interactions, model_rows=model_rows,
-            gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
-            ui_pre_scale=loss_cfg.ui_pre_scale,
-            use_gumbel=loss_cfg.gumbel_transform,
-            log_logits=loss_cfg.gumbel_log_logits)
-        real = constrain_rows(jax.lax.stop_gradient(real))
+        real = real_rows(out, users, interactions)
         d_loss_fn = lambda cp: critic_loss(cp, config, critic_stats, real,
                                            fake, n_mod, d_keys)
       (d_loss, (critic_stats, d_real, d_fake, gp)), grads = (
@@ -363,19 +438,13 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
             losses.infonce(anchor=out.modality_user[m][users], positive=u,
                            tau=loss_cfg.tau) for m in shapes.modalities)
         total = total + loss_cfg.cl_rate * terms["cl"]
-      if fused:
-        factor = (critic_lib.first_layer_factor(critic_params)
-                  if adversarial == "wgan" else None)
-        fake = fused_fake(out, users, lists, factor, k)
-        rows = None
-        top = {m: t for m, (_, t) in fake.items()} if k else None
-      else:
-        rows = gen_rows(out, users, interactions)
-        top = None
+      rows = gen_rows(out, users, interactions) if needs_rows else None
       if adversarial == "wgan":
-        if fused:
+        if lowrank:
           h_gen = first_layer_of_projections(
-              critic_params, [z for z, _ in fake.values()])
+              critic_params, projected_fake(
+                  out, users, positives,
+                  critic_lib.first_layer_factor(critic_params)))
         else:
           h_gen = critic_lib.first_layer(
               critic_params, jnp.concatenate(list(rows.values())))
@@ -391,20 +460,29 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
                 interactions=interactions) for m in shapes.modalities)
         total = total + loss_cfg.g_rate * terms["gen"]
       terms["loss"] = total
-      return total, (terms, jax.lax.stop_gradient((rows, top)))
+      feats = ({m: out.feat_user[m][users] for m in shapes.modalities},
+               out.feat_item)
+      return total, (terms, jax.lax.stop_gradient((rows, feats)))
 
-    (_, (terms, (rows, top))), grads = jax.value_and_grad(
-        rec_loss, has_aux=True)(state.params)
+    # The barrier orders the recommender's forward after the critic update,
+    # so XLA cannot overlap the two full-graph forwards (their (U or I) x d
+    # intermediates would then be live at once).
+    rec_params, critic_params = jax.lax.optimization_barrier(
+        (state.params, critic_params))
+    (_, (terms, (rows, feats))), grads = jax.value_and_grad(
+        rec_loss, has_aux=True)(rec_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics.update(terms)
 
+    # The top-k refresh reads the second forward's generated rows (§4.4);
+    # without whole rows at hand it is computed only where it is used.
+    top = None if rows is not None else top_items_fn(*feats, lists)
     if gu.schedule == "reference":
-      graph_kw = {} if top is None else {"top_items": top}
       graphs, buffer = reference_graph_update(
           state.modality_graphs, state.graph_buffer, rows, users, batch_idx,
           k=k, period=gu.T, pairing=gu.pairing, n_users=n_users,
-          n_items=n_items, **graph_kw)
+          n_items=n_items, top_items=top)
     else:
       graphs, buffer = persistent_graph_update(
           state.modality_graphs, state.graph_buffer, rows, users, state.step,
@@ -491,10 +569,11 @@ def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
     # state leaf non-empty (orbax cannot save zero-size arrays).
     cap = max(buffer_capacity(config, shapes.n_items), 1)
     buffer = state_lib.empty_buffer(shapes.modalities, cap)
-  graphs = state_lib.initial_modality_graphs(
-      base_graph, shapes.modalities,
-      state_lib.modality_graph_capacity(shapes.n_train, cap),
-      shapes.n_users, shapes.n_items)
+  # Until its first regeneration G^m is the base graph, which the forward
+  # reads from the step inputs (`modality_graph_is_base`): the state holds
+  # only what a regeneration can produce, not an n_train-edge copy.
+  graphs = {m: graph_lib.empty_graph(cap, shapes.n_users, shapes.n_items)
+            for m in shapes.modalities}
   return TrainState(
       step=jnp.zeros((), jnp.int32), rng=k_rng, params=params,
       opt_state=make_optimizer(config.optim).init(params),

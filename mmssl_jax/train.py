@@ -121,13 +121,13 @@ def check_config(config: ml_collections.ConfigDict, ds: Dataset) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("is_mmssl", "hp", "layers"))
-def _final_embeddings(state: state_lib.TrainState, inputs, *, is_mmssl: bool,
-                      hp: model_lib.ModelHParams, layers: int):
+def _final_embeddings(state: state_lib.TrainState, inputs, is_base=None, *,
+                      is_mmssl: bool, hp: model_lib.ModelHParams, layers: int):
   if not is_mmssl:
     return model_lib.lightgcn_forward(state.params, inputs.graph, layers)
   out = model_lib.forward(state.params, inputs.graph, inputs.features,
                           state.modality_graphs, key=state.rng, train=False,
-                          hp=hp)
+                          hp=hp, modality_is_base=is_base)
   return out.user, out.item
 
 
@@ -137,8 +137,11 @@ class Run:
   def __init__(self, config: ml_collections.ConfigDict, ds: Dataset):
     self.config, self.ds = config, ds
     self.is_mmssl = config.model.name == "mmssl"
-    self.shapes = steps.Shapes(ds.n_users, ds.n_items, len(ds.train),
-                               tuple(ds.modalities))
+    self.shapes = steps.Shapes(
+        ds.n_users, ds.n_items, len(ds.train), tuple(ds.modalities),
+        batch_positives=steps.batch_positives_capacity(
+            np.bincount(ds.train.users, minlength=ds.n_users),
+            config.train.batch_size))
     norm = "one_sided" if self.is_mmssl else "symmetric"
     self.graph_np = graph_lib.build_graph(ds.train.users, ds.train.items,
                                           ds.n_users, ds.n_items, norm=norm)
@@ -171,7 +174,14 @@ class Run:
 
   def final_embeddings(self, state):
     """Final user and item representations in eval mode (no dropout)."""
-    return _final_embeddings(state, self.inputs, **self._embedding_args)
+    return _final_embeddings(state, self.inputs, self.modality_is_base(state),
+                             **self._embedding_args)
+
+  def modality_is_base(self, state):
+    """Whether state's G^m is still the base graph (`model.forward`)."""
+    if not self.is_mmssl:
+      return None
+    return steps.modality_graph_is_base(self.config, self.shapes, state.step)
 
   def evaluate(self, state, split: str) -> dict[str, float]:
     user, item = self.final_embeddings(state)

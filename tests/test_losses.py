@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mmssl_jax import losses
+from mmssl_jax import noise
 
 RTOL = 1e-5
 
@@ -164,7 +165,7 @@ def test_l2_normalize_gradient_finite_at_zero_and_correct_elsewhere():
 # --- section 3.5: Gumbel "real" rows ------------------------------------------
 
 def _naive_real_rows(key, r, model_rows, scale, tau, kappa):
-  xi = jax.random.uniform(key, r.shape, jnp.float32)
+  xi = noise.uniform(key, r.shape)  # the noise the step draws (noise.py)
   rows = []
   for b in range(r.shape[0]):
     logits = [

@@ -61,7 +61,9 @@ def _forward_outputs(config, ds, graphs=None):
   hp = model_lib.ModelHParams.from_config(config.model)
   out = model_lib.forward(state.params, run.inputs.graph, run.inputs.features,
                           graphs or state.modality_graphs,
-                          key=jax.random.key(1), train=False, hp=hp)
+                          key=jax.random.key(1), train=False, hp=hp,
+                          modality_is_base=(None if graphs else
+                                            run.modality_is_base(state)))
   return run, state, out
 
 

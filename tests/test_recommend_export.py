@@ -345,7 +345,8 @@ def test_export_round_trip(trained, restored, tmp_path):
   fwd = model_lib.forward(
       state.params, run.inputs.graph, run.inputs.features,
       state.modality_graphs, key=state.rng, train=False,
-      hp=model_lib.ModelHParams.from_config(restored.config.model))
+      hp=model_lib.ModelHParams.from_config(restored.config.model),
+      modality_is_base=run.modality_is_base(state))
   for m in ("image", "text"):
     for name, view in (("feat_user", fwd.feat_user), ("feat_item",
                                                       fwd.feat_item),

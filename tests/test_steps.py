@@ -408,9 +408,12 @@ def test_empty_graph_contrastive_loss_is_log_2b_minus_1_with_zero_grad(
   b = config.train.batch_size
   exist = np.asarray(run.inputs.sampler.exist_users)
   users = jnp.asarray(np.random.default_rng(0).choice(exist, b, replace=False))
-  base_graphs = state.modality_graphs
-  empty = {m: g._replace(to_user_weight=jnp.zeros_like(g.to_user_weight),
-                         to_item_weight=jnp.zeros_like(g.to_item_weight))
+  # G^m starts as the base graph (the forward reads it from the inputs while
+  # `steps.modality_graph_is_base`; the state holds only regenerations).
+  base_graphs = {m: run.inputs.graph for m in state.modality_graphs}
+  # Every weight field (both orderings) zeroed: the base structure, empty.
+  empty = {m: jax.tree.map(lambda x: jnp.zeros_like(x)
+                           if x.dtype == jnp.float32 else x, g)
            for m, g in base_graphs.items()}
 
   @helpers.fast_jit
