@@ -438,7 +438,9 @@ class CheckpointStore:
       diff = _first_leaf_difference(meta.leaves, expected)
       raise ConfigMismatchError(
           f"{os.path.join(self.directory, str(step))}: the checkpoint's arrays "
-          f"do not match this config's train state ({diff})")
+          f"do not match this config's train state ({diff}); a checkpoint "
+          "of an older mmssl_jax version cannot be resumed: train it "
+          "again in a new workdir")
     sharded = is_global(target)
     abstract = state_to_arrays_abstract(target, with_sharding=sharded)
     with _quiet_orbax():

@@ -328,3 +328,85 @@ def test_sort_graph_matches_dense_one_sided():
   gi = jax.grad(lambda x: jnp.sum(graph_lib.to_items(g, x, I) ** 2))(
       jnp.asarray(xu))
   np.testing.assert_allclose(gi, a_iu.T @ (2 * a_iu @ xu), atol=1e-4)
+
+
+# --- Gram-form projection of the generated rows (low-rank critic) ------------
+
+def _lists_problem(seed, b=9, n_items=40, length=6, d=5, r=3):
+  rng = np.random.default_rng(seed)
+  lists = np.full((b, length), -1, np.int32)
+  for row in range(b):
+    n = rng.integers(0, length + 1)
+    lists[row, :n] = rng.choice(n_items, n, replace=False)
+  lists[0, :] = rng.choice(n_items, length, replace=False)  # a full row
+  lists[1, :] = -1                                           # no positives
+  return (jnp.asarray(_x(seed, b, d)), jnp.asarray(_x(seed + 1, n_items, d)),
+          jnp.asarray(_x(seed + 2, n_items, r)), jnp.asarray(lists))
+
+
+@pytest.mark.parametrize("slack", [None, 0, 7])
+def test_generated_rows_projection_equals_dense_rows_times_factor(slack):
+  """n(S) U through Q^T U, Q^T Q and the positives equals generated_rows
+  (whole (B, I) rows) times U, in value and in the gradient w.r.t. P, Q
+  and U; with and without compacting the positives (capacity = exactly
+  the number of positives, or with padding)."""
+  p, q, f, lists = _lists_problem(0)
+  dense = graph_lib.dense_rows(lists, q.shape[0])
+  n_pos = int(jnp.sum(lists >= 0))
+  capacity = None if slack is None else n_pos + slack
+  positives = graph_lib.batch_positives(lists, capacity)
+  got = lambda p, q, f: graph_lib.generated_rows_projection(p, q, positives, f)
+  want = lambda p, q, f: graph_lib.generated_rows(p, q, dense,
+                                                  block_size=0) @ f
+  np.testing.assert_allclose(got(p, q, f), want(p, q, f), rtol=1e-5,
+                             atol=1e-6)
+  w = jnp.asarray(_x(9, p.shape[0], f.shape[1]))
+  g_got = jax.grad(lambda *a: jnp.sum(w * got(*a)), (0, 1, 2))(p, q, f)
+  g_want = jax.grad(lambda *a: jnp.sum(w * want(*a)), (0, 1, 2))(p, q, f)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_positives_compaction_keeps_every_pair_once():
+  _, _, _, lists = _lists_problem(1)
+  n_pos = int(jnp.sum(lists >= 0))
+  pos = graph_lib.batch_positives(lists, n_pos + 3)
+  assert pos.rows.shape == (n_pos + 3,) and int(jnp.sum(pos.valid)) == n_pos
+  got = sorted(zip(np.asarray(pos.rows)[np.asarray(pos.valid)].tolist(),
+                   np.asarray(pos.items)[np.asarray(pos.valid)].tolist()))
+  want = sorted((b, int(i)) for b, row in enumerate(np.asarray(lists))
+                for i in row if i >= 0)
+  assert got == want
+
+
+def test_batch_positives_capacity_is_the_top_b_degree_sum():
+  from mmssl_jax import steps  # pylint: disable=g-import-not-at-top
+  degrees = [5, 0, 3, 9, 1]
+  assert steps.batch_positives_capacity(degrees, 2) == 14   # 9 + 5
+  assert steps.batch_positives_capacity(degrees, 4) == 18   # all 4 users
+  # More batch rows than users with items: draws with replacement (§4.2).
+  assert steps.batch_positives_capacity(degrees, 6) == 54   # 6 * 9
+
+
+def test_empty_graph_equals_sort_graph_of_invalid_pairs():
+  cap = 12
+  want = graph_lib.sort_graph(jnp.zeros(cap, jnp.int32),
+                              jnp.zeros(cap, jnp.int32),
+                              jnp.zeros(cap, bool), U, I)
+  got = jax.jit(lambda: graph_lib.empty_graph(cap, U, I))()
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  x = jnp.asarray(_x(3, I, D))
+  np.testing.assert_array_equal(graph_lib.to_users(got, x, U), 0.0)
+
+
+def test_item_major_csr_fields_are_the_permuted_edges():
+  users, items = _random_edges(4)
+  g = graph_lib.build_graph(users, items, U, I, norm="one_sided")
+  order = np.asarray(g.item_order)
+  np.testing.assert_array_equal(g.users_by_item, np.asarray(g.users)[order])
+  np.testing.assert_array_equal(g.to_user_weight_by_item,
+                                np.asarray(g.to_user_weight)[order])
+  np.testing.assert_array_equal(g.to_item_weight_by_item,
+                                np.asarray(g.to_item_weight)[order])
+  assert graph_lib.without_csr(g).users_by_item is None

@@ -319,15 +319,15 @@ def _one_step(config):
 
 
 def test_fused_step_equals_unfused_lowrank_step():
-  """configs/test.py, paper variant (no BatchNorm), low-rank critic, without
-  Gumbel noise (the two paths draw it differently): one step with
-  generator_block=32 (fused) equals the step with whole rows."""
+  """configs/test.py, paper variant (no BatchNorm), low-rank critic, Gumbel
+  noise on (both paths draw the same `noise.uniform` values for one key):
+  one step with generator_block=32 (fused) equals the step with whole
+  rows."""
   results = []
   for block in (0, 32):
     config = helpers.load_config("test", "variant=paper")
     config.critic.kind = "lowrank"
     config.critic.rank = 8
-    config.loss.gumbel_transform = False
     config.train.generator_block = block
     assert steps.uses_fused_generator(config) == (block > 0)
     results.append(_one_step(config))

@@ -190,6 +190,53 @@ def test_topk_k_matches_the_papers_settings():
     assert steps.topk_k(helpers.load_config(name), n_items) == k, name
 
 
+def test_modality_graph_is_base_until_the_first_regeneration(test_run):
+  """G^m is the base graph in the forwards of steps 0..T (released schedule,
+  first rebuild at batch index T of epoch 0), of steps 0..T-1 (persistent,
+  first rebuild at the end of step T-1), and forever when an epoch has at
+  most T steps (the released schedule never reaches index T)."""
+  run, _ = test_run
+  shapes = run.shapes
+  n = shapes.n_train // run.config.train.batch_size + 1
+  assert n > 3
+  is_base = lambda config, step: bool(
+      steps.modality_graph_is_base(config, shapes, jnp.int32(step)))
+  config = helpers.load_config("test")
+  for t, want in ((1, [True, True, False, False]),
+                  (2, [True, True, True, False])):
+    config.graph_update.T = t
+    assert [is_base(config, s) for s in range(4)] == want
+  config.graph_update.T = n
+  assert all(is_base(config, s) for s in (0, n, 5 * n))
+  config = helpers.load_config("test", "variant=paper")
+  config.graph_update.T = 2
+  assert [is_base(config, s) for s in range(4)] == [True, True, False, False]
+
+
+def test_initial_forward_equals_forward_over_the_base_graph(test_run):
+  """The initial state's empty G^m plus the base graph's share (while
+  modality_is_base) is the released initial G^m = the base graph (§2.1)."""
+  run, _ = test_run
+  state = run.init_state()
+  hp = model_lib.ModelHParams.from_config(run.config.model)
+  fwd = helpers.fast_jit(functools.partial(
+      model_lib.forward, key=jax.random.key(0), train=True, hp=hp))
+  inputs = run.inputs
+  got = fwd(state.params, inputs.graph, inputs.features,
+            state.modality_graphs, modality_is_base=jnp.bool_(True))
+  want = fwd(state.params, inputs.graph, inputs.features,
+             {m: inputs.graph for m in state.modality_graphs})
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  for m in state.modality_graphs:
+    assert float(jnp.abs(got.modality_user[m]).max()) > 0
+  # Once regenerated, only the state's graphs count: here, all-zero.
+  after = fwd(state.params, inputs.graph, inputs.features,
+              state.modality_graphs, modality_is_base=jnp.bool_(False))
+  for m in state.modality_graphs:
+    np.testing.assert_array_equal(after.modality_user[m], 0.0)
+
+
 def test_t1_schedule_graph_from_batch0_then_empty(trajectory):
   run, records, states, metrics = trajectory
   config = run.config
