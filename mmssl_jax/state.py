@@ -67,20 +67,6 @@ class StepInputs(NamedTuple):
   sampler: sampler_lib.SamplerTables
 
 
-def modality_graph_capacity(n_train: int, buffer_capacity: int) -> int:
-  """Edges a modality graph must hold: the initial graph or any rebuild."""
-  return max(n_train, buffer_capacity)
-
-
-def initial_modality_graphs(base_graph: graph_lib.BipartiteGraph,
-                            modalities, capacity: int, n_users: int,
-                            n_items: int):
-  """G^m starts as the base one-sided graph (§2.1), padded to `capacity`."""
-  padded = graph_lib.pad_graph(base_graph, capacity, n_users, n_items)
-  return {m: graph_lib.BipartiteGraph(*map(jnp.asarray, padded))
-          for m in modalities}
-
-
 def empty_buffer(modalities, capacity: int) -> GraphBuffer:
   zeros = lambda: jnp.zeros((capacity,), jnp.int32)
   return GraphBuffer({m: zeros() for m in modalities},

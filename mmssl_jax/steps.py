@@ -537,7 +537,6 @@ def make_lightgcn_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
 
 
 def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
-               base_graph: graph_lib.BipartiteGraph,
                modality_dims: dict[str, int], key) -> TrainState:
   """Initial train state (parameters with the released initialisations)."""
   k_params, k_critic, k_rng = jax.random.split(key, 3)

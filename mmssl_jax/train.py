@@ -143,10 +143,10 @@ class Run:
             np.bincount(ds.train.users, minlength=ds.n_users),
             config.train.batch_size))
     norm = "one_sided" if self.is_mmssl else "symmetric"
-    self.graph_np = graph_lib.build_graph(ds.train.users, ds.train.items,
-                                          ds.n_users, ds.n_items, norm=norm)
+    graph_np = graph_lib.build_graph(ds.train.users, ds.train.items,
+                                     ds.n_users, ds.n_items, norm=norm)
     self.inputs = state_lib.StepInputs(
-        graph=jax.tree.map(jnp.asarray, self.graph_np),
+        graph=jax.tree.map(jnp.asarray, graph_np),
         features={m: jnp.asarray(f) for m, f in ds.modalities.items()},
         sampler=jax.tree.map(jnp.asarray, sampler_lib.build_sampler_tables(
             ds.train, ds.n_users)))
@@ -168,7 +168,7 @@ class Run:
         layers=int(config.model.lightgcn_layers))
 
   def init_state(self) -> state_lib.TrainState:
-    return steps.init_state(self.config, self.shapes, self.graph_np,
+    return steps.init_state(self.config, self.shapes,
                             self.ds.modality_dims,
                             jax.random.key(self.config.seed))
 

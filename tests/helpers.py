@@ -40,8 +40,8 @@ def config_names() -> list[str]:
 
 
 # ----------------------------------------------------------------------------
-# Calls whose signature is changing in the checkout (pad_graph and
-# initial_modality_graphs gained n_users/n_items for sorted edge lists).
+# Calls whose signature is changing in the checkout (pad_graph gained
+# n_users/n_items for sorted edge lists), and graph fixtures.
 
 
 def _takes(fn, n_args):
@@ -56,11 +56,13 @@ def pad_graph(graph, capacity, n_users, n_items):
 
 
 def initial_modality_graphs(base, modalities, capacity, n_users, n_items):
-  from mmssl_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  if _takes(state_lib.initial_modality_graphs, 5):
-    return state_lib.initial_modality_graphs(base, modalities, capacity,
-                                             n_users, n_items)
-  return state_lib.initial_modality_graphs(base, modalities, capacity)
+  """G^m = the base graph (§2.1) padded to `capacity` edges, per modality:
+  a starting point for the graph-update functions called directly."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import graph as graph_lib  # pylint: disable=g-import-not-at-top
+  padded = graph_lib.pad_graph(base, capacity, n_users, n_items)
+  return {m: graph_lib.BipartiteGraph(*map(jnp.asarray, padded))
+          for m in modalities}
 
 
 # ----------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_topk_table_holds_the_top_k_of_each_batch_row_without_positives():
   users = jnp.array([4, 1])
   base = graph_lib.build_graph(np.array([0, 1]), np.array([0, 1]), n_users,
                                n_items, norm="one_sided")
-  graphs = state_lib.initial_modality_graphs(base, ["image"], n_users * k,
+  graphs = helpers.initial_modality_graphs(base, ["image"], n_users * k,
                                              n_users, n_items)
   table = state_lib.empty_table(["image"], n_users, k)
   graphs, table = steps.persistent_graph_update(
@@ -127,7 +127,7 @@ def test_persistent_graph_keeps_rows_across_refreshes():
   n_users, n_items, k = 4, 8, 2
   base = graph_lib.build_graph(np.array([0]), np.array([0]), n_users, n_items,
                                norm="one_sided")
-  graphs = state_lib.initial_modality_graphs(base, ["t"], n_users * k,
+  graphs = helpers.initial_modality_graphs(base, ["t"], n_users * k,
                                              n_users, n_items)
   table = state_lib.empty_table(["t"], n_users, k)
   rows_a = jax.nn.one_hot(jnp.array([[3, 5], [1, 2]]), n_items).sum(1)

@@ -358,7 +358,7 @@ def test_t2_schedule_accumulates_and_survives_epoch_boundary(pairing):
                                norm="one_sided")
   cap = (2 * period - 1) * b * k
   graphs = helpers.initial_modality_graphs(
-      base, mods, state_lib.modality_graph_capacity(base.n_edges, cap),
+      base, mods, max(base.n_edges, cap),
       n_users, n_items)
   buffer = state_lib.empty_buffer(mods, cap)
   update = helpers.fast_jit(functools.partial(
@@ -403,7 +403,7 @@ def test_k0_graph_is_empty_after_the_first_rebuild():
   cap = 0
   assert steps.buffer_capacity(helpers.load_config("baby"), 7050) == cap
   graphs = helpers.initial_modality_graphs(
-      base, ("image",), state_lib.modality_graph_capacity(6, cap), n_users,
+      base, ("image",), max(6, cap), n_users,
       n_items)
   buffer = state_lib.empty_buffer(("image",), cap)
   rows = {"image": jnp.asarray(np.random.default_rng(0).random((b, n_items)),
