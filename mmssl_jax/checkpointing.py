@@ -121,6 +121,46 @@ class ConfigMismatchError(ValueError):
   """The config differs from the one of the run stored in the workdir."""
 
 
+class WorkdirBusyError(FileExistsError):
+  """Another process is training in the workdir (`WorkdirLock`)."""
+
+
+class WorkdirLock:
+  """An exclusive `fcntl.flock` on the workdir folder, held while training.
+
+  A second `python -m mmssl_jax.main` on the same workdir (on this host, or
+  on a file system whose locks reach every host) fails at once with
+  WorkdirBusyError instead of interleaving checkpoints and records with
+  the first. The lock is on the folder itself (no lock file) and goes with
+  the process, so a crash never leaves a stale one.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self._fd = None
+
+  @property
+  def held(self) -> bool:
+    return self._fd is not None
+
+  def acquire(self) -> None:
+    import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only
+    fd = os.open(self.workdir, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      os.close(fd)
+      raise WorkdirBusyError(
+          f"{self.workdir}: another process is training in this workdir; "
+          "wait for it to end or choose another --workdir") from None
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing drops the flock
+      self._fd = None
+
+
 class Preempted(Exception):
   """Training stopped by a signal after saving a checkpoint.
 

@@ -77,7 +77,8 @@ class ConfigError(ValueError):
 
 # Errors of process 0's workdir checks and writes that every process raises
 # again, by class name, in multi-process runs (`multihost.on_primary`).
-WORKDIR_ERRORS = (checkpointing.ConfigMismatchError, FileExistsError,
+WORKDIR_ERRORS = (checkpointing.ConfigMismatchError,
+                  checkpointing.WorkdirBusyError, FileExistsError,
                   FileNotFoundError, PermissionError, OSError, DataError,
                   ConfigError, ValueError)
 
@@ -212,19 +213,24 @@ def _format_metrics(prefix: str, metrics: dict[str, float], keys) -> str:
   return " ".join(f"{prefix}{k} {metrics[k]:.4f}" for k in keys if k in metrics)
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict,
+                    lock: checkpointing.WorkdirLock | None = None) -> None:
   """Creates `workdir` and writes config.json; refuses to overwrite a run.
 
   `train_and_evaluate` decides with `checkpointing.inspect_workdir` whether to
   start, resume or stop; this is the start: it raises FileExistsError if
-  the workdir holds epoch records or checkpoints.
+  the workdir holds epoch records or checkpoints. `lock` (not yet held) is
+  acquired on the new folder before the check, so that of two processes
+  starting the same new workdir one trains and the other stops.
   """
+  os.makedirs(workdir, exist_ok=True)
+  if lock is not None and not lock.held:
+    lock.acquire()
   if (checkpointing.read_records(os.path.join(workdir, METRICS_FILE))
       or checkpointing.checkpoint_steps(workdir)):
     raise FileExistsError(
         f"{os.path.join(workdir, METRICS_FILE)} exists: workdir holds an "
         "earlier run; choose a new --workdir")
-  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   checkpointing.write_records(os.path.join(workdir, METRICS_FILE), [])
@@ -267,6 +273,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   ds = load_dataset(config.data)
   check_config(config, ds)
+  # Process 0 locks an existing workdir before reading it, a new one as it
+  # creates it (`prepare_workdir`), and holds the lock to the end.
+  lock = checkpointing.WorkdirLock(workdir)
+  try:
+    if multihost.on_primary(lambda: os.path.isdir(workdir)):
+      multihost.on_primary(lock.acquire, errors=WORKDIR_ERRORS)
+    return _train_and_evaluate_locked(config, workdir, ds, lock)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
+                               workdir: str, ds: Dataset,
+                               lock: checkpointing.WorkdirLock
+                               ) -> dict[str, Any]:
+  """`train_and_evaluate` once the data is valid (and an existing workdir
+  locked)."""
   # Process 0 decides (a shared workdir could change between processes'
   # reads); every process follows it.
   status = checkpointing.WorkdirStatus(**multihost.on_primary(
@@ -296,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                 "parameters" if state.critic_params is not None else ""),
                run.steps_per_epoch)
   if status.kind == "new":
-    multihost.on_primary(lambda: prepare_workdir(workdir, config),
+    multihost.on_primary(lambda: prepare_workdir(workdir, config, lock),
                          errors=WORKDIR_ERRORS)
   store = checkpointing.CheckpointStore(
       os.path.join(workdir, CHECKPOINT_DIR),

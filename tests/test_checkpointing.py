@@ -279,3 +279,32 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(
   other_state = final_state(tmp_path / "other")
   assert not np.array_equal(other_state.params["user_id_embedding"],
                             ref_state.params["user_id_embedding"])
+
+
+def test_a_second_process_on_a_busy_workdir_stops_at_once(tmp_path):
+  """While one process holds the workdir (here: this test, through the same
+  lock train_and_evaluate takes), `main` on it exits 1 with one line naming
+  the workdir and writes nothing; once released, the workdir is usable."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock = checkpointing.WorkdirLock(str(workdir))
+  lock.acquire()
+  try:
+    with pytest.raises(checkpointing.WorkdirBusyError):
+      checkpointing.WorkdirLock(str(workdir)).acquire()  # another open file
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmssl_jax.main", "--config=configs/test.py",
+         "--config.train.epochs=1", f"--workdir={workdir}"],
+        cwd=helpers.REPO_ROOT, capture_output=True, text=True, timeout=300)
+  finally:
+    lock.release()
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and "another process is training" in last
+  assert str(workdir) in last and "Traceback" not in proc.stderr
+  assert list(workdir.iterdir()) == []
+  again = checkpointing.WorkdirLock(str(workdir))
+  again.acquire()
+  again.release()
