@@ -254,11 +254,13 @@ def uses_fused_generator(config: ml_collections.ConfigDict) -> bool:
   """Whether the step runs the blockwise fused generator + critic.
 
   Selected by train.generator_block > 0 together with critic.kind='lowrank':
-  generated rows, real rows and the top-k refresh are then computed item
-  block by item block (`graph.fused_generated_rows`,
-  `graph.fused_real_rows`) and no (B, I) array is formed (except for the
-  `rp_gae` ablation's edge likelihood, which needs the raw rows). With the
-  dense critic, generator_block only splits the score product into blocks.
+  the real rows and the top-k refresh are then computed item block by item
+  block (`graph.fused_real_rows`, `graph.fused_generated_rows`) and no
+  (B, I) array is formed (except for the `rp_gae` ablation's edge
+  likelihood, which needs the raw rows). The low-rank critic's generated
+  rows never need one, fused or not (`graph.generated_rows_projection`).
+  With the dense critic, generator_block only splits the score product into
+  blocks.
   """
   return (config.train.generator_block > 0
           and config.critic.get("kind", "dense") == "lowrank")
@@ -464,13 +466,8 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
                out.feat_item)
       return total, (terms, jax.lax.stop_gradient((rows, feats)))
 
-    # The barrier orders the recommender's forward after the critic update,
-    # so XLA cannot overlap the two full-graph forwards (their (U or I) x d
-    # intermediates would then be live at once).
-    rec_params, critic_params = jax.lax.optimization_barrier(
-        (state.params, critic_params))
     (_, (terms, (rows, feats))), grads = jax.value_and_grad(
-        rec_loss, has_aux=True)(rec_params)
+        rec_loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics.update(terms)
