@@ -326,8 +326,18 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
         out.feat_user[m][users], out.feat_item[m], interactions,
         block_size=block)) for m in shapes.modalities}
 
+  # The Gram form subtracts the training positives of the rows it projects:
+  # those of the batch (at most `shapes.batch_positives`), or, when that
+  # bound exceeds the whole training set (B >= users, or heavy users), those
+  # of every user, for all users at once, then the batch's rows.
+  all_users = (shapes.batch_positives or batch_size * n_items) >= shapes.n_train
+
   def projected_fake(out, users, positives, factor):
     """modality -> n(S^m) U (B, r), the fake rows' first-layer input."""
+    if all_users:
+      return [constrain(graph_lib.generated_rows_projection(
+          out.feat_user[m], out.feat_item[m], positives, factor)[users])
+              for m in shapes.modalities]
     return [constrain(graph_lib.generated_rows_projection(
         out.feat_user[m][users], out.feat_item[m], positives, factor))
             for m in shapes.modalities]
@@ -359,7 +369,12 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
     users, pos, neg = map(constrain, sampler_lib.sample_batch(
         k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items))
     lists = constrain(inputs.sampler.train_lists[users])
-    positives = graph_lib.batch_positives(lists, shapes.batch_positives)
+    if all_users:
+      g = inputs.graph
+      positives = graph_lib.BatchPositives(g.users, g.items,
+                                           g.to_user_weight > 0)
+    else:
+      positives = graph_lib.batch_positives(lists, shapes.batch_positives)
     interactions = None
     if needs_rows or adversarial == "edge_likelihood" or (
         lowrank and not fused):

@@ -10,6 +10,7 @@ the dense critic with the explicit kernel U V, the fused paths against
 layer, and one jitted train step against the unfused step.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -341,3 +342,35 @@ def test_fused_step_equals_unfused_lowrank_step():
   for x, y in zip(jax.tree.leaves((s1.graph_buffer, s1.modality_graphs)),
                   jax.tree.leaves((s0.graph_buffer, s0.modality_graphs))):
     np.testing.assert_array_equal(x, y)
+
+
+def test_gram_positives_of_the_batch_or_of_all_users_give_the_same_step():
+  """The low-rank step subtracts the batch's training positives, or (when
+  their bound exceeds the training set) every user's, for all users at
+  once: one step of configs/test.py (reference variant, low-rank critic)
+  agrees either way."""
+  config = helpers.load_config("test")
+  config.critic.kind = "lowrank"
+  config.critic.rank = 8
+  ds = synthetic.make_synthetic(config.data.synthetic)
+  results = []
+  for capacity in (None, len(ds.train) + 1):  # exact batch bound, all users
+    run = train.Run(config, ds)
+    if capacity is not None:
+      shapes = dataclasses.replace(run.shapes, batch_positives=capacity)
+    else:
+      shapes = run.shapes
+      assert shapes.batch_positives < shapes.n_train  # the per-batch path
+    step = steps.make_mmssl_step(config, shapes)
+    state = run.init_state()
+    state, terms = helpers.compile_fast(step, state, jnp.int32(0),
+                                        run.inputs)(state, jnp.int32(0),
+                                                    run.inputs)
+    results.append(jax.device_get((state, terms)))
+  # The loss terms (critic, d_fake, gen read the projections) agree; the
+  # parameters are not compared: Adam's first step moves an entry with a
+  # rounding-level gradient by +-lr whatever its sign.
+  (_, t0), (_, t1) = results
+  assert {"critic", "d_fake", "gen"} <= set(t0)
+  for k in t0:
+    np.testing.assert_allclose(t1[k], t0[k], rtol=1e-5, atol=1e-6)
