@@ -96,8 +96,8 @@ def init_lowrank_critic(key: chex.PRNGKey, n_items: int, *, rank: int = 64,
   Same layers as `init_dense_critic` except the first Linear, factorised as
   W_0 = U V with U (I, r) and V (r, h_1): I r + r h_1 + h_1 + (the rest)
   parameters instead of 0.28 I^2, and O(N I r) FLOPs per forward over N rows
-  (`graph.fused_generated_rows` projects generated rows onto U one item block
-  at a time). The hidden widths do not grow with I.
+  (less for generated rows, whose projection onto U has a Gram form:
+  `graph.generated_rows_projection`). The hidden widths do not grow with I.
 
   Init: U ~ N(0, 1/I), V ~ N(0, 2/r), so each entry of U V has variance
   2/I, the kaiming_normal variance of the dense W_0; the other layers are
@@ -266,8 +266,9 @@ def first_layer_factor(params: Mapping[str, Mapping[str, chex.Array]]
   """The I-sized factor F of the first layer: U (I, r) or the kernel (I, h_1).
 
   x W_0 + b_0 = first_layer_from_projection(params, x F) for both kinds;
-  the blockwise generator (`graph.fused_generated_rows`) projects rows onto F
-  one item block at a time, so no (N, I) row ever exists.
+  the step projects rows onto F without forming them
+  (`graph.generated_rows_projection`, `graph.fused_real_rows`), so no
+  (N, I) row ever exists.
   """
   dense = params["dense_0"]
   return dense["u"] if "u" in dense else dense["kernel"]

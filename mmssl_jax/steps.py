@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from mmssl_jax import critic as critic_lib
@@ -50,7 +51,7 @@ class Shapes:
   n_train: int
   modalities: tuple[str, ...]
   # Most training items a batch can hold (`batch_positives_capacity`); None:
-  # B times the longest training list.
+  # unknown, so the low-rank step subtracts every user's positives.
   batch_positives: int | None = None
 
 
@@ -60,10 +61,11 @@ def batch_positives_capacity(degrees, batch_size: int) -> int:
   The sum of the B largest training degrees when users are drawn without
   replacement (B <= users with items, §4.2), else B times the largest.
   """
-  degrees = sorted((int(d) for d in degrees if d > 0), reverse=True)
-  if batch_size > len(degrees):
-    return max(1, batch_size * degrees[0]) if degrees else 1
-  return max(1, sum(degrees[:batch_size]))
+  degrees = np.asarray(degrees, np.int64)
+  degrees = -np.sort(-degrees[degrees > 0])
+  if batch_size > degrees.size:
+    return max(1, batch_size * int(degrees[0])) if degrees.size else 1
+  return max(1, int(degrees[:batch_size].sum()))
 
 
 def topk_k(config, n_items: int) -> int:
@@ -334,13 +336,12 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
 
   def projected_fake(out, users, positives, factor):
     """modality -> n(S^m) U (B, r), the fake rows' first-layer input."""
-    if all_users:
-      return [constrain(graph_lib.generated_rows_projection(
-          out.feat_user[m], out.feat_item[m], positives, factor)[users])
-              for m in shapes.modalities]
-    return [constrain(graph_lib.generated_rows_projection(
-        out.feat_user[m][users], out.feat_item[m], positives, factor))
-            for m in shapes.modalities]
+    def project(m):
+      p = out.feat_user[m] if all_users else out.feat_user[m][users]
+      z = graph_lib.generated_rows_projection(p, out.feat_item[m], positives,
+                                              factor)
+      return z[users] if all_users else z
+    return [constrain(project(m)) for m in shapes.modalities]
 
   def first_layer_of_projections(critic_params, projections):
     return constrain(jnp.concatenate([
@@ -369,11 +370,12 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
     users, pos, neg = map(constrain, sampler_lib.sample_batch(
         k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items))
     lists = constrain(inputs.sampler.train_lists[users])
-    if all_users:
+    positives = None
+    if lowrank and all_users:
       g = inputs.graph
       positives = graph_lib.BatchPositives(g.users, g.items,
                                            g.to_user_weight > 0)
-    else:
+    elif lowrank:
       positives = graph_lib.batch_positives(lists, shapes.batch_positives)
     interactions = None
     if needs_rows or adversarial == "edge_likelihood" or (
