@@ -31,8 +31,11 @@ equal config.json's except `RESUMABLE_FIELDS` (epochs, patience, checkpoint
 and NaN-check settings), otherwise `ConfigMismatchError` lists the differing
 dotted fields. A workdir with epoch records but no checkpoint is refused
 (`FileExistsError`); a workdir whose metrics.jsonl ends with a final record is
-a complete run: it is not trained again or extended, the stored final result
-is returned (the CLI exits 0).
+a complete run: the stored final result is returned (the CLI exits 0) and
+nothing is trained, unless the new config lets it go on (`extends_run`: more
+`train.epochs` than it ran, and not early-stopped under the new
+`eval.patience`); then it resumes from its last checkpoint and its final
+record is replaced when it ends.
 
 Multi-process runs (`jax.distributed`; `mmssl_jax.multihost`). The state
 of a sharded run (`parallel.shard_run`) is saved as the global arrays it is
@@ -681,7 +684,8 @@ class WorkdirStatus:
   """What `train_and_evaluate` should do with a workdir.
 
   kind: 'new' (start; nothing of value there), 'resume' (latest checkpoint
-    at `latest_step`) or 'complete' (`final` is the stored final record).
+    at `latest_step`; `final` is set when it extends a complete run) or
+    'complete' (`final` is the stored final record).
   changed: allowed config differences from config.json (RESUMABLE_FIELDS).
   """
 
@@ -689,6 +693,21 @@ class WorkdirStatus:
   latest_step: int | None = None
   final: dict[str, Any] | None = None
   changed: list[tuple[str, Any, Any]] = dataclasses.field(default_factory=list)
+
+
+def extends_run(records: list[dict[str, Any]],
+                config: ml_collections.ConfigDict) -> bool:
+  """Whether a complete run (`records` end with its final record) would go on
+  under `config`: it ran fewer than `config.train.epochs` epochs and its
+  evaluations since the best one are at most `config.eval.patience` (the
+  train loop's stopping rule), so raising either continues it."""
+  final = records[-1]
+  evals_since_best = sum(
+      1 for r in records[:-1]
+      if r.get("epoch", -1) > final["best_epoch"]
+      and any(k.startswith("val/") for k in r))
+  return (final["epochs"] < int(config.train.epochs)
+          and evals_since_best <= int(config.eval.patience))
 
 
 def inspect_workdir(workdir: str, config: ml_collections.ConfigDict
@@ -728,11 +747,15 @@ def inspect_workdir(workdir: str, config: ml_collections.ConfigDict
         f"{len(diffs)} field(s): {_describe(diffs)}; use the run's config or "
         "a new --workdir")
   changed = [d for d in all_diffs if d not in diffs]
-  if records and records[-1].get("final"):
+  if records and records[-1].get("final") and not (
+      steps and extends_run(records, config)):
     return WorkdirStatus("complete", steps[-1] if steps else None,
                          final=records[-1], changed=changed)
   if steps:
-    return WorkdirStatus("resume", steps[-1], changed=changed)
+    # `final` here: the complete run this resumption extends.
+    return WorkdirStatus("resume", steps[-1], changed=changed,
+                         final=records[-1] if records and records[-1].get(
+                             "final") else None)
   if records:
     raise FileExistsError(
         f"{metrics_path} holds {len(records)} epoch record(s) but "

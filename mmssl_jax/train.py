@@ -23,7 +23,10 @@ determinism):
 * A workdir holding another run is never overwritten: a different config
   raises `checkpointing.ConfigMismatchError` listing the fields, epoch records
   without checkpoints raise FileExistsError, and a complete run (final record
-  in metrics.jsonl) is not trained again: its stored final result is returned.
+  in metrics.jsonl) is not trained again: its stored final result is returned,
+  unless `config` lets it go on (`checkpointing.extends_run`: more epochs
+  than it ran and early stopping not reached under the new patience), then
+  it resumes from its last checkpoint.
 
 Multi-process runs (`jax.distributed`, `train.data_parallel` != 1; see
 `mmssl_jax.multihost`): every process runs this same function on the same
@@ -302,6 +305,10 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
     return status.final
   for field, old, new in status.changed:
     logging.info("config field %s changed from %r to %r", field, old, new)
+  if status.final is not None:
+    logging.info("extending the complete run in %s (%d epochs, best epoch %d) "
+                 "to at most %d epochs", workdir, status.final["epochs"],
+                 status.final["best_epoch"], config.train.epochs)
   logging.info("%s", ds.summary())
   run = Run(config, ds)
   if (int(config.train.get("data_parallel", 1)) != 1

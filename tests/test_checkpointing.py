@@ -222,7 +222,7 @@ def test_reference_run_writes_checkpoints_and_best(reference):
 
 
 @pytest.mark.parametrize("case", ["after_epoch_0", "mid_epoch", "twice",
-                                  "stale_records", "lost_record"])
+                                  "stale_records", "lost_record", "extended"])
 def test_interrupted_and_resumed_run_is_bit_identical(hooks, reference,
                                                       tmp_path, case):
   ref_dir, ref_records, ref_state, spe = reference
@@ -249,6 +249,12 @@ def test_interrupted_and_resumed_run_is_bit_identical(hooks, reference,
     assert stop.exit_code == 130 and "SIGINT" in str(stop)
     assert f"step {spe + 5} (epoch 1, batch 5 of {spe})" in str(stop)
     assert checkpointing.checkpoint_steps(str(workdir))[-1] == spe + 5
+  elif case == "extended":
+    # A run complete at 1 epoch (final record), then given EPOCHS.
+    short = train.train_and_evaluate(_config(**{"train.epochs": 1}),
+                                     str(workdir))
+    assert short["epochs"] == 1
+    assert [r.get("final", False) for r in records(workdir)] == [False, True]
   else:  # twice: mid-epoch 0, then mid-epoch 2
     run_until_stopped(hooks, config, workdir, {2: signal.SIGTERM})
     assert checkpointing.checkpoint_steps(str(workdir)) == [3]

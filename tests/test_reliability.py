@@ -148,12 +148,35 @@ def test_records_without_checkpoints_are_refused(stopped_run, tmp_path):
 
 def test_complete_run_is_returned_not_retrained(stopped_run, tmp_path):
   workdir = _copy(stopped_run[0], tmp_path)
+  # Complete at the config's own budget of 1 epoch.
   final = {"final": True, "best_epoch": 0, "epochs": 1, "test": {"x": 1.0},
            "val": {"x": 2.0}}
   checkpointing.append_record(str(workdir / train.METRICS_FILE), final)
   before = _files(workdir)
-  assert train.train_and_evaluate(_config(), str(workdir)) == final
+  assert train.train_and_evaluate(_config(epochs=1), str(workdir)) == final
   assert _files(workdir) == before
+
+
+def _val_record(epoch):
+  return {"epoch": epoch, "train/loss": 1.0, "val/recall@20": 0.1}
+
+
+@pytest.mark.parametrize("epochs,patience,best_epoch,expected", [
+    (5, 100, 0, True),   # more epochs, patience left: goes on
+    (3, 100, 0, False),  # it ran its whole budget
+    (2, 100, 0, False),  # a smaller budget never shortens a finished run
+    (5, 2, 0, True),     # 2 evaluations since the best, patience 2 goes on
+    (5, 1, 0, False),    # ... patience 1 had stopped it (2 > 1)
+    (5, 1, 1, True),     # 1 evaluation since the best, patience 1 goes on
+    (5, 0, 1, False),    # ... patience 0 had stopped it
+])
+def test_extends_run_follows_the_train_loops_stopping_rule(
+    epochs, patience, best_epoch, expected):
+  records = [_val_record(e) for e in range(3)]
+  records.append({"final": True, "best_epoch": best_epoch, "epochs": 3})
+  config = _config(epochs=epochs)
+  config.eval.patience = patience
+  assert checkpointing.extends_run(records, config) is expected
 
 
 def test_config_differences_ignore_only_resumable_fields():
