@@ -202,19 +202,63 @@ def topk_table_graph(table: jax.Array, refreshed: jax.Array, n_items: int,
   while the symmetric form keeps the operator's spectral norm at most 1.
   The graph is padded with zero-weight edges to `capacity`. csr=False
   leaves out the CSR fields (as `sort_graph`).
+
+  Each row holds k distinct items (a top-k), so the edges are unique (u, i)
+  pairs: with the rows sorted, the item-major order is one sort of the
+  scalar keys i * n_users + u (`_item_major_csr`), 5-6x faster on CPU than
+  the argsort `with_csr` does (0.025 against 0.14 s for TikTok's 624k
+  edges). This graph is rebuilt every T steps, at T = 1 every step.
   """
   n_users, k = table.shape
+  # Rows not yet written hold zeros: give them k distinct placeholder items
+  # (weight 0) so that every (u, i) pair stays unique.
+  rows = jnp.where(refreshed[:, None], table.astype(jnp.int32),
+                   jnp.arange(k, dtype=jnp.int32)[None, :] % n_items)
+  rows = jnp.sort(rows, axis=1)
   users = jnp.repeat(jnp.arange(n_users, dtype=jnp.int32), k)
-  items = table.reshape(-1).astype(jnp.int32)
+  items = rows.reshape(-1)
   valid = jnp.repeat(refreshed, k)
   pad = capacity - n_users * k
+  fast = (csr and pad == 0 and k <= n_items
+          and n_users * n_items < 2**32)
   users = jnp.pad(users, (0, pad), constant_values=n_users - 1)
   items = jnp.pad(items, (0, pad), constant_values=n_items - 1)
   valid = jnp.pad(valid, (0, pad))
   to_user, to_item = one_sided_weights(users, items, valid, n_users, n_items)
   weight = to_user * to_item
   graph = BipartiteGraph(users, items, weight, weight)
-  return with_csr(graph, n_users, n_items) if csr else graph
+  if not csr:
+    return graph
+  if not fast:
+    return with_csr(graph, n_users, n_items)
+  return _item_major_csr(graph, rows, n_users, n_items)
+
+
+def _item_major_csr(graph: BipartiteGraph, rows: jax.Array, n_users: int,
+                    n_items: int) -> BipartiteGraph:
+  """`with_csr` of a graph whose edge e = u * k + j is (u, rows[u, j]), rows
+  sorted and distinct, by one sort of unique uint32 keys (no argsort)."""
+  k = rows.shape[1]
+  key = (graph.items.astype(jnp.uint32) * jnp.uint32(n_users)
+         + graph.users.astype(jnp.uint32))
+  key = jnp.sort(key)
+  items_by_item = (key // jnp.uint32(n_users)).astype(jnp.int32)
+  users_by_item = (key % jnp.uint32(n_users)).astype(jnp.int32)
+  # Column j of (u, i) in the sorted row u: a binary search over k entries.
+  col = jnp.zeros_like(users_by_item)
+  for bit in reversed(range(max(k - 1, 1).bit_length())):
+    cand = col + (1 << bit)
+    probe = rows[users_by_item, jnp.minimum(cand, k) - 1]
+    col = jnp.where((cand <= k) & (probe < items_by_item), cand, col)
+  item_order = users_by_item * k + col
+  user_indptr = jnp.arange(n_users + 1, dtype=jnp.int32) * k
+  item_indptr = jnp.searchsorted(items_by_item, jnp.arange(n_items + 1),
+                                 side="left").astype(jnp.int32)
+  return graph._replace(
+      user_indptr=user_indptr, item_order=item_order, item_indptr=item_indptr,
+      users_by_item=users_by_item,
+      to_user_weight_by_item=graph.to_user_weight[item_order],
+      to_item_weight_by_item=graph.to_item_weight[item_order])
 
 
 def without_csr(graph: BipartiteGraph) -> BipartiteGraph:

@@ -226,3 +226,34 @@ def test_paper_variant_has_a_modality_graph_under_the_baby_settings():
                       6710) == 67
   assert helpers.load_config("sports", "variant=paper"
                              ).graph_update.m_topk_rate == 0.02
+
+
+@pytest.mark.parametrize("n_users,n_items,k", [(50, 40, 7), (6, 5, 5), (9, 30, 1)])
+def test_topk_table_graph_csr_equals_the_argsort_csr(n_users, n_items, k,
+                                                    monkeypatch):
+  """The sort-free item-major CSR of the table graph (one sort of unique
+  keys, `graph._item_major_csr`) is `with_csr`'s argsort result, field for
+  field, with unwritten rows (zeros in the table) present but weightless."""
+  rng = np.random.default_rng(k)
+  table = np.stack([rng.choice(n_items, k, replace=False)
+                    for _ in range(n_users)]).astype(np.int32)
+  refreshed = rng.random(n_users) < 0.6
+  table[~refreshed] = 0  # as `state.empty_table` leaves them
+  with_csr = graph_lib.with_csr
+  with monkeypatch.context() as patch:  # the argsort path is not taken
+    patch.setattr(graph_lib, "with_csr", None)
+    g = jax.jit(lambda t, r: graph_lib.topk_table_graph(
+        t, r, n_items, n_users * k))(jnp.asarray(table),
+                                     jnp.asarray(refreshed))
+  want = with_csr(g._replace(user_indptr=None), n_users, n_items)
+  for field in g._fields:
+    np.testing.assert_array_equal(getattr(g, field), getattr(want, field),
+                                  err_msg=field)
+  assert sorted(np.asarray(g.item_order).tolist()) == list(range(n_users * k))
+  x = jnp.asarray(rng.normal(size=(n_users, 3)), jnp.float32)
+  dense = np.zeros((n_users, n_items))
+  np.add.at(dense, (np.asarray(g.users), np.asarray(g.items)),
+            np.asarray(g.to_item_weight))
+  np.testing.assert_allclose(graph_lib.to_items(g, x, n_items), dense.T @ x,
+                             rtol=1e-5, atol=1e-6)
+  assert np.count_nonzero(dense) == refreshed.sum() * k
