@@ -11,9 +11,11 @@ We keep our own edge-list container instead of `jraph.GraphsTuple`: the graph
 is bipartite with two weight vectors (one per direction), which GraphsTuple's
 homogeneous node set would only obscure.
 
-For large catalogues, `fused_generated_rows` and `fused_real_rows` compute the
-critic's first layer of the generated and "real" rows (and the top-k refresh)
-one item block at a time, never holding a (B, I) array (design.md "Scale").
+For large catalogues the low-rank critic reads the generated rows through
+`generated_rows_projection` (Gram form, no (B, I) product), and
+`fused_real_rows` and `blockwise_topk` compute the "real" rows' first layer
+and the top-k refresh one item block at a time, never holding a (B, I) array
+(design.md "Scale").
 """
 
 from __future__ import annotations
@@ -461,7 +463,7 @@ def generated_rows_projection(user_repr: jax.Array, item_repr: jax.Array,
 
   so the cost is O(I d (r + d) + B d (r + d) + E (d + r)) for E batch
   positives, with no (B, I) product at all, against O(B I (d + r)) for
-  `generated_rows(...) @ F` or `fused_generated_rows`. Equal to them up to
+  `generated_rows(...) @ F`. Equal to it up to
   float rounding (the masked squares are subtracted from the full sum, so a
   row whose unmasked scores all vanish loses relative precision; the clamp
   at eps^2 keeps it finite, as `losses.l2_normalize` does). Differentiable
@@ -557,21 +559,16 @@ def _merge_topk(top_v, top_i, values, cols, k: int):
   return top_v, jnp.take_along_axis(cand_i, pos, axis=1)
 
 
-def fused_generated_rows(user_repr: jax.Array, item_repr: jax.Array,
-                         item_lists: jax.Array, *, block_size: int,
-                         factor: jax.Array | None = None, k: int = 0,
-                         row_constraint=None, block_constraint=None):
-  """`generated_rows` projected onto `factor`, and its top-k, blockwise.
+def blockwise_topk(user_repr: jax.Array, item_repr: jax.Array,
+                   item_lists: jax.Array, *, block_size: int, k: int,
+                   row_constraint=None, block_constraint=None) -> jax.Array:
+  """Top-k item ids of `generated_rows` (the masked top-k refresh of §4.4),
+  one item block at a time, with no (B, I) array.
 
-  With S = (P Q^T) * (1 - R) (§3.4) and F = factor (I, r), returns
-  n(S) F = (S F) / ||S||_row without forming S: a scan over item blocks
-  accumulates S_b F_b (B, r) and ||S_b||^2 (B,). For the low-rank critic,
-  F = U and `critic.first_layer_from_projection` finishes the first layer,
-  so the critic's first layer of a generated row costs O(B * I * (d + r)).
-  Differentiable w.r.t. P, Q and F.
-
-  With k > 0 the same pass keeps a running top-k of each row (the masked
-  top-k graph refresh of §4.4); the ranking of S equals that of n(S).
+  S = (P Q^T) * (1 - R) (§3.4); a scan over item blocks keeps a running
+  top-k of each row of S, whose ranking equals that of n(S). Ties keep the
+  lower item id first, as `jax.lax.top_k` over the whole row does. Not
+  differentiated (the graph refresh uses ids only).
 
   Args:
     user_repr: P, (B, d) user representations of the batch.
@@ -579,53 +576,37 @@ def fused_generated_rows(user_repr: jax.Array, item_repr: jax.Array,
     item_lists: (B, L) the batch users' training items, -1 padded
       (`SamplerTables.train_lists[users]`): R.
     block_size: items per block.
-    factor: F (I, r) or None (no projection).
-    k: top-k size (0: none).
+    k: top-k size, >= 1.
     row_constraint, block_constraint: sharding constraints (x -> x) of the
       (B, block_size) score blocks and of the stacked item blocks (see the
       section comment); None: none.
 
   Returns:
-    (projection (B, r) or None, top-k item ids (B, k) int32 or None).
+    (B, k) int32 item ids.
   """
   n_items = item_repr.shape[0]
   n_blocks, bs = _n_blocks(n_items, block_size)
   b = user_repr.shape[0]
   rows_c = row_constraint or _identity
   blocks_c = block_constraint or _identity
-  xs = {"q": blocks_c(_item_blocks(item_repr, n_blocks, bs)),
+  user_repr = jax.lax.stop_gradient(user_repr)
+  xs = {"q": blocks_c(_item_blocks(jax.lax.stop_gradient(item_repr),
+                                   n_blocks, bs)),
         "start": jnp.arange(n_blocks, dtype=jnp.int32) * bs}
-  carry = {}
-  if factor is not None:
-    xs["f"] = blocks_c(_item_blocks(factor, n_blocks, bs))
-    carry["acc"] = jnp.zeros((b, factor.shape[1]), jnp.float32)
-    carry["sq"] = jnp.zeros((b,), jnp.float32)
-  if k:
-    carry["top_v"] = jnp.full((b, k), -jnp.inf, jnp.float32)
-    carry["top_i"] = jnp.full((b, k), -1, jnp.int32)
+  carry = {"top_v": jnp.full((b, k), -jnp.inf, jnp.float32),
+           "top_i": jnp.full((b, k), -1, jnp.int32)}
 
   def body(carry, x):
     s = rows_c(user_repr @ x["q"].T)
     s = rows_c(s * (1.0 - interaction_block(item_lists, x["start"], bs)))
-    carry = dict(carry)
-    if factor is not None:
-      carry["acc"] = carry["acc"] + s @ x["f"]
-      carry["sq"] = carry["sq"] + jnp.sum(jnp.square(s), axis=-1)
-    if k:
-      cols = x["start"] + jnp.arange(bs, dtype=jnp.int32)
-      values = jnp.where(cols < n_items, jax.lax.stop_gradient(s), -jnp.inf)
-      carry["top_v"], carry["top_i"] = _merge_topk(
-          carry["top_v"], carry["top_i"], values, cols, k)
-    return carry, None
+    cols = x["start"] + jnp.arange(bs, dtype=jnp.int32)
+    values = jnp.where(cols < n_items, s, -jnp.inf)
+    top_v, top_i = _merge_topk(carry["top_v"], carry["top_i"], values, cols,
+                               k)
+    return {"top_v": top_v, "top_i": top_i}, None
 
-  carry, _ = jax.lax.scan(jax.checkpoint(body), carry, xs)
-  proj = top = None
-  if factor is not None:
-    eps = 1e-12  # losses.l2_normalize: x / sqrt(max(sum x^2, eps^2))
-    proj = carry["acc"] / jnp.sqrt(jnp.maximum(carry["sq"], eps * eps))[:, None]
-  if k:
-    top = carry["top_i"]
-  return proj, top
+  carry, _ = jax.lax.scan(body, carry, xs)
+  return carry["top_i"]
 
 
 _LOG_EPS = 1e-8  # as losses._LOG_EPS (the Gumbel transform's 1e-8)
@@ -670,7 +651,7 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
     factor: F (I, r).
     block_size, gumbel_scale, tau, ui_pre_scale, use_gumbel, log_logits: as
       `losses.gumbel_real_rows` (block_size: items per block).
-    row_constraint, block_constraint: as `fused_generated_rows`.
+    row_constraint, block_constraint: as `blockwise_topk`.
   """
   n_items = item_repr.shape[0]
   n_blocks, bs = _n_blocks(n_items, block_size)

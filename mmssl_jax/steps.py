@@ -257,7 +257,7 @@ def uses_fused_generator(config: ml_collections.ConfigDict) -> bool:
 
   Selected by train.generator_block > 0 together with critic.kind='lowrank':
   the real rows and the top-k refresh are then computed item block by item
-  block (`graph.fused_real_rows`, `graph.fused_generated_rows`) and no
+  block (`graph.fused_real_rows`, `graph.blockwise_topk`) and no
   (B, I) array is formed (except for the `rp_gae` ablation's edge
   likelihood, which needs the raw rows). The low-rank critic's generated
   rows never need one, fused or not (`graph.generated_rows_projection`).
@@ -353,9 +353,9 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
     rows (§4.4), called only where the graph update uses them."""
     def top_items():
       if fused:
-        return {m: graph_lib.fused_generated_rows(
+        return {m: graph_lib.blockwise_topk(
             feat_user[m], feat_item[m], lists, block_size=block, k=k,
-            **block_kw)[1] for m in shapes.modalities}
+            **block_kw) for m in shapes.modalities}
       interactions = constrain_rows(graph_lib.dense_rows(lists, n_items))
       return {m: jax.lax.top_k(constrain_rows(graph_lib.generated_rows(
           feat_user[m], feat_item[m], interactions, block_size=block)),
