@@ -628,6 +628,14 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 _ABSENT = object()
+# Folders named in a config: the same folder spelt another way (relative to
+# the working directory, absolute, through a symlink) is no difference.
+_PATH_FIELDS = ("data.dir",)
+
+
+def _same_path(a, b) -> bool:
+  return (isinstance(a, str) and isinstance(b, str) and bool(a) and bool(b)
+          and os.path.realpath(a) == os.path.realpath(b))
 
 
 def config_differences(saved: dict[str, Any], new: dict[str, Any],
@@ -638,7 +646,8 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any],
   only one config differs (value `None` stands for absent in messages),
   except a field added to the library after the run was saved: absent from
   `saved` and equal to its `config_lib.base_config()` default in `new`, it
-  cannot have changed the run.
+  cannot have changed the run. `data.dir` differs only if the two paths name
+  different folders (relative paths resolve against the working directory).
   """
   from mmssl_jax import config_lib  # local: config_lib is not needed otherwise
   a, b = _flatten(saved), _flatten(new)
@@ -650,6 +659,8 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any],
       continue
     va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
     if va is _ABSENT and key in defaults and vb == defaults[key]:
+      continue
+    if key in _PATH_FIELDS and _same_path(va, vb):
       continue
     if va != vb:
       out.append((key, None if va is _ABSENT else va,

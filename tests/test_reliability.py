@@ -193,6 +193,25 @@ def test_config_differences_ignore_only_resumable_fields():
       old, new)
 
 
+def test_data_dir_spelt_another_way_is_the_same_folder(tmp_path, monkeypatch):
+  (tmp_path / "data").mkdir()
+  (tmp_path / "other").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "data")
+  monkeypatch.chdir(tmp_path)
+  saved = _config()
+  saved.data.dir = "data"
+  old = checkpointing.config_to_json(saved)
+  for same in (str(tmp_path / "data"), "./data/", str(tmp_path / "link")):
+    new = _config()
+    new.data.dir = same
+    assert checkpointing.config_differences(
+        old, checkpointing.config_to_json(new)) == [], same
+  new.data.dir = "other"
+  assert checkpointing.config_differences(
+      old, checkpointing.config_to_json(new)) == [("data.dir", "data",
+                                                   "other")]
+
+
 def test_field_added_after_a_run_was_saved_is_unchanged_at_its_default():
   old = checkpointing.config_to_json(_config())
   del old["train"]["item_parallel"]  # a workdir saved before the field existed
