@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -255,3 +258,39 @@ def compile_fast_shared(jitted, *args):
 def tree_all_finite(tree) -> bool:
   return all(bool(np.all(np.isfinite(np.asarray(x))))
              for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------
+# Simulated multi-device workers (tests/test_parallel.py, test_item_sharding.py)
+
+
+def device_env(device_count: int) -> dict[str, str]:
+  """Environment of a subprocess with `device_count` simulated CPU devices."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={device_count}"
+                      f" {FAST_XLA_FLAGS}")
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO_ROOT), str(REPO_ROOT / "tests"), env.get("PYTHONPATH", "")])
+  return env
+
+
+def run_device_worker(test_file: str, out: Path, device_count: int
+                      ) -> dict[str, np.ndarray]:
+  """Runs `python test_file worker out` on `device_count` simulated devices
+  (the file's `worker_main`) and returns the .npz it saves (strings as str)."""
+  proc = subprocess.run(
+      [sys.executable, test_file, "worker", str(out)],
+      env=device_env(device_count), cwd=REPO_ROOT, capture_output=True,
+      text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with np.load(out) as data:
+    return {k: v[()] if v.dtype.kind == "U" else v for k, v in data.items()}
+
+
+def worker_main(worker) -> None:
+  """The `__main__` of a worker file: `worker(out_path)` for `worker OUT`."""
+  if len(sys.argv) == 3 and sys.argv[1] == "worker":
+    worker(sys.argv[2])
+  else:
+    sys.exit(f"usage: {sys.argv[0]} worker OUT.npz")

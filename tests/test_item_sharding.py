@@ -20,8 +20,6 @@ script, is the worker) and the tests compare its saved results:
 from __future__ import annotations
 
 from pathlib import Path
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,7 +27,6 @@ import pytest
 import helpers
 import test_parallel
 
-REPO = helpers.REPO_ROOT
 DEVICES = 8
 STEPS = 3
 MESHES = ((1, 1), (4, 2))  # (data, item)
@@ -179,14 +176,9 @@ def _worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module", name="results")
 def results_fixture(tmp_path_factory):
-  out = tmp_path_factory.mktemp("item_sharding") / "results.npz"
-  proc = subprocess.run(
-      [sys.executable, __file__, "worker", str(out)],
-      env=test_parallel._env(DEVICES),  # pylint: disable=protected-access
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  with np.load(out) as data:
-    return {k: v[()] if v.dtype.kind == "U" else v for k, v in data.items()}
+  return helpers.run_device_worker(
+      __file__, tmp_path_factory.mktemp("item_sharding") / "results.npz",
+      DEVICES)
 
 
 def _part(results, prefix):
@@ -285,9 +277,4 @@ def test_items_not_divisible_is_a_config_error(results):
 
 
 if __name__ == "__main__":
-  if len(sys.argv) == 3 and sys.argv[1] == "worker":
-    here = Path(__file__).parent
-    sys.path[:0] = [str(here.parent), str(here)]
-    _worker(sys.argv[2])
-  else:
-    sys.exit(f"usage: {sys.argv[0]} worker OUT.npz")
+  helpers.worker_main(_worker)

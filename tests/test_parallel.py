@@ -13,8 +13,6 @@ single-process 4-device run.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 import subprocess
 import sys
 import types
@@ -34,16 +32,6 @@ CASES = (
      {"critic.kind": "lowrank", "critic.rank": 8, "critic.lr": 0.0,
       "train.generator_block": 32}, (1, 8), False),
 )
-
-
-def _env(device_count: int) -> dict[str, str]:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={device_count}"
-                      f" {helpers.FAST_XLA_FLAGS}")
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
-  return env
 
 
 def _worker(out_path: str) -> None:
@@ -87,13 +75,8 @@ def _worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module", name="results")
 def results_fixture(tmp_path_factory):
-  out = tmp_path_factory.mktemp("parallel") / "results.npz"
-  proc = subprocess.run(
-      [sys.executable, __file__, "worker", str(out)], env=_env(DEVICES),
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  with np.load(out) as data:
-    return dict(data)
+  return helpers.run_device_worker(
+      __file__, tmp_path_factory.mktemp("parallel") / "results.npz", DEVICES)
 
 
 def _part(results, case, n, kind):
@@ -193,7 +176,7 @@ def test_two_processes_through_jax_distributed_equal_one_process(
   """launch/local_multiprocess.sh: 2 processes x 2 CPU devices joined by
   jax.distributed (gloo collectives) on 127.0.0.1; one step and the sharded
   validation metrics equal the single-process 4-device run's."""
-  env = _env(2)
+  env = helpers.device_env(2)
   env.pop("XLA_FLAGS")
   env.update(PYTHON=sys.executable, NUM_PROCESSES="2", DEVICES_PER_PROCESS="2",
              XLA_FLAGS_EXTRA=helpers.FAST_XLA_FLAGS,
@@ -229,9 +212,4 @@ def test_two_processes_through_jax_distributed_equal_one_process(
 
 
 if __name__ == "__main__":
-  if len(sys.argv) == 3 and sys.argv[1] == "worker":
-    here = Path(__file__).parent
-    sys.path[:0] = [str(here.parent), str(here)]
-    _worker(sys.argv[2])
-  else:
-    sys.exit(f"usage: {sys.argv[0]} worker OUT.npz")
+  helpers.worker_main(_worker)
