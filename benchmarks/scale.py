@@ -12,6 +12,14 @@ configuration runs in its own subprocess, so `peak_rss_gib` is that
 configuration's own peak (host memory; on an accelerator see
 `device_peak_gib`). Prints one JSON line per configuration:
 
+  python benchmarks/scale.py --items=1000000 --no_dense --compile_only
+
+compiles the step only (the state as shapes, nothing allocated for it) and
+prints XLA's buffer sizes: `xla_argument_gib` (state + inputs), `xla_temp_gib`
+(the step's scratch, allocated whole for each call) and `xla_output_gib`
+(aliased to the donated state). These tell the step's own memory from the
+data's, in minutes where a timed run at I = 1e6 takes a quarter of an hour.
+
 * `lowrank_fused`: critic.kind='lowrank' (rank 64, hidden 256/128) with the
   blockwise fused generator (train.generator_block items per block): no
   B x I array anywhere in the step.
@@ -41,6 +49,9 @@ flags.DEFINE_integer("rank", 64, "critic.rank r.")
 flags.DEFINE_integer("dense_max_items", 10000,
                      "Largest I for the dense (released) critic.")
 flags.DEFINE_bool("no_dense", False, "Skip the dense critic.")
+flags.DEFINE_bool("compile_only", False,
+                  "Compile the step (abstract state, nothing trained) and "
+                  "print XLA's memory analysis instead of timing it.")
 flags.DEFINE_string("one", "", "Internal: run one 'kind,I' configuration.")
 
 INTERACTIONS = 20
@@ -103,6 +114,8 @@ def run_one(kind: str, n_items: int) -> dict:
   ds = synthetic_catalogue(n_items)
   config = config_for(kind)
   run = train.Run(config, ds)
+  if FLAGS.compile_only:
+    return _memory_analysis(kind, run, ds, time.perf_counter() - t0)
   state = run.init_state()
   setup_s = time.perf_counter() - t0
   rss_setup = _peak_rss_gib()
@@ -145,6 +158,30 @@ def run_one(kind: str, n_items: int) -> dict:
   return out
 
 
+def _memory_analysis(kind: str, run, ds, setup_s: float) -> dict:
+  """XLA's buffer sizes of the compiled step (`--compile_only`)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  t0 = time.perf_counter()
+  state = jax.eval_shape(run.init_state)
+  compiled = run.step.lower(state, jnp.int32(0), run.inputs).compile()
+  m = compiled.memory_analysis()
+  gib = lambda b: round(b / 2**30, 3)
+  return {
+      "benchmark": "scale_memory", "config": kind, "n_items": ds.n_items,
+      "n_users": ds.n_users, "n_train": len(ds.train),
+      "setup_s": round(setup_s, 2),
+      "compile_s": round(time.perf_counter() - t0, 2),
+      "xla_argument_gib": gib(m.argument_size_in_bytes),
+      "xla_output_gib": gib(m.output_size_in_bytes),
+      "xla_alias_gib": gib(m.alias_size_in_bytes),
+      "xla_temp_gib": gib(m.temp_size_in_bytes),
+      "peak_rss_gib": _peak_rss_gib(),
+      "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+  }
+
+
 def main(argv):
   del argv
   if FLAGS.one:
@@ -160,7 +197,8 @@ def main(argv):
       jobs.append(("dense", n))
     jobs.append(("lowrank_fused", n))
   passed = [a for a in sys.argv[1:] if a.split("=")[0].lstrip("-") in (
-      "iters", "block", "batch_size", "rank")]
+      "iters", "block", "batch_size", "rank", "compile_only",
+      "nocompile_only")]
   for kind, n in jobs:
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), f"--one={kind},{n}",

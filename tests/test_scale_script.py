@@ -1,0 +1,39 @@
+"""benchmarks/scale.py on a tiny catalogue: the timed run and the
+compile-only memory analysis print the JSON fields README quotes."""
+
+import json
+import subprocess
+import sys
+
+import helpers
+
+
+def _scale(*args):
+  proc = subprocess.run(
+      [sys.executable, str(helpers.REPO_ROOT / "benchmarks/scale.py"),
+       "--items=1500", "--no_dense", *args], capture_output=True, text=True,
+      check=True, timeout=300, env=helpers.device_env(1))
+  lines = [json.loads(l) for l in proc.stdout.splitlines()
+           if l.startswith("{")]
+  assert len(lines) == 1, proc.stdout + proc.stderr[-2000:]
+  assert "error" not in lines[0], lines[0]
+  return lines[0]
+
+
+def test_timed_run_reports_a_finite_step_and_its_memory():
+  out = _scale("--iters=1")
+  assert out["config"] == "lowrank_fused" and out["n_items"] == 1500
+  assert out["n_users"] == 1500 and out["n_train"] == 1500 * 18
+  assert out["finite"] is True and out["iter_s_median"] > 0
+  assert 0 < out["peak_rss_after_setup_gib"] <= out["peak_rss_gib"]
+
+
+def test_compile_only_reports_xla_buffer_sizes():
+  out = _scale("--compile_only")
+  assert out["benchmark"] == "scale_memory"
+  # The state: U = I = 1500, d = 64, embeddings + two Adam moments at least.
+  assert out["xla_argument_gib"] * 2**30 >= 3 * 2 * 1500 * 64 * 4
+  assert out["xla_temp_gib"] > 0
+  # The donated state comes back in the same buffers.
+  assert out["xla_alias_gib"] > 0.9 * out["xla_output_gib"]
+  assert "iter_s_median" not in out
