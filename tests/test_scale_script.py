@@ -1,5 +1,6 @@
-"""benchmarks/scale.py on a tiny catalogue: the timed run and the
-compile-only memory analysis print the JSON fields README quotes."""
+"""benchmarks/scale.py --compile_only on a tiny catalogue prints the XLA
+buffer sizes README quotes (the timed mode is the train step itself, which
+tests/test_scale.py checks)."""
 
 import json
 import subprocess
@@ -18,14 +19,6 @@ def _scale(*args):
   assert len(lines) == 1, proc.stdout + proc.stderr[-2000:]
   assert "error" not in lines[0], lines[0]
   return lines[0]
-
-
-def test_timed_run_reports_a_finite_step_and_its_memory():
-  out = _scale("--iters=1")
-  assert out["config"] == "lowrank_fused" and out["n_items"] == 1500
-  assert out["n_users"] == 1500 and out["n_train"] == 1500 * 18
-  assert out["finite"] is True and out["iter_s_median"] > 0
-  assert 0 < out["peak_rss_after_setup_gib"] <= out["peak_rss_gib"]
 
 
 def test_compile_only_reports_xla_buffer_sizes():
