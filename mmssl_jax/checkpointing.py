@@ -696,7 +696,8 @@ class WorkdirStatus:
 
   kind: 'new' (start; nothing of value there), 'resume' (latest checkpoint
     at `latest_step`; `final` is set when it extends a complete run) or
-    'complete' (`final` is the stored final record).
+    'complete' (`final` is the stored final record, `reason` why it does
+    not go on).
   changed: allowed config differences from config.json (RESUMABLE_FIELDS).
   """
 
@@ -704,6 +705,14 @@ class WorkdirStatus:
   latest_step: int | None = None
   final: dict[str, Any] | None = None
   changed: list[tuple[str, Any, Any]] = dataclasses.field(default_factory=list)
+  reason: str = ""  # 'complete': why it does not go on (`why_complete`)
+
+
+def _evals_since_best(records: list[dict[str, Any]]) -> int:
+  final = records[-1]
+  return sum(1 for r in records[:-1]
+             if r.get("epoch", -1) > final["best_epoch"]
+             and any(k.startswith("val/") for k in r))
 
 
 def extends_run(records: list[dict[str, Any]],
@@ -712,13 +721,20 @@ def extends_run(records: list[dict[str, Any]],
   under `config`: it ran fewer than `config.train.epochs` epochs and its
   evaluations since the best one are at most `config.eval.patience` (the
   train loop's stopping rule), so raising either continues it."""
-  final = records[-1]
-  evals_since_best = sum(
-      1 for r in records[:-1]
-      if r.get("epoch", -1) > final["best_epoch"]
-      and any(k.startswith("val/") for k in r))
-  return (final["epochs"] < int(config.train.epochs)
-          and evals_since_best <= int(config.eval.patience))
+  return (records[-1]["epochs"] < int(config.train.epochs)
+          and _evals_since_best(records) <= int(config.eval.patience))
+
+
+def why_complete(records: list[dict[str, Any]],
+                 config: ml_collections.ConfigDict) -> str:
+  """Why a complete run does not go on under `config`, and how it would."""
+  final, since = records[-1], _evals_since_best(records)
+  if since > int(config.eval.patience):
+    return (f"early-stopped: {since} evaluations without improvement > "
+            f"eval.patience {int(config.eval.patience)}; a larger "
+            "--config.eval.patience (and train.epochs) continues it")
+  return (f"it ran train.epochs = {final['epochs']}; a larger "
+          "--config.train.epochs continues it")
 
 
 def inspect_workdir(workdir: str, config: ml_collections.ConfigDict
@@ -761,7 +777,8 @@ def inspect_workdir(workdir: str, config: ml_collections.ConfigDict
   if records and records[-1].get("final") and not (
       steps and extends_run(records, config)):
     return WorkdirStatus("complete", steps[-1] if steps else None,
-                         final=records[-1], changed=changed)
+                         final=records[-1], changed=changed,
+                         reason=why_complete(records, config))
   if steps:
     # `final` here: the complete run this resumption extends.
     return WorkdirStatus("resume", steps[-1], changed=changed,

@@ -299,8 +299,9 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
       lambda: dataclasses.asdict(checkpointing.inspect_workdir(
           workdir, config)), errors=WORKDIR_ERRORS))
   if status.kind == "complete":
-    logging.info("%s holds a complete run (%d epochs); not training again. "
-                 "Stored result:", workdir, status.final.get("epochs", -1))
+    logging.info("%s holds a complete run (%d epochs); not training again "
+                 "(%s). Stored result:", workdir,
+                 status.final.get("epochs", -1), status.reason)
     _log_final(status.final)
     return status.final
   for field, old, new in status.changed:

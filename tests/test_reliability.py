@@ -177,6 +177,10 @@ def test_extends_run_follows_the_train_loops_stopping_rule(
   config = _config(epochs=epochs)
   config.eval.patience = patience
   assert checkpointing.extends_run(records, config) is expected
+  if not expected:
+    reason = checkpointing.why_complete(records, config)
+    assert ("--config.eval.patience" in reason) is (
+        3 - 1 - best_epoch > patience), reason
 
 
 def test_config_differences_ignore_only_resumable_fields():
@@ -320,6 +324,7 @@ def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
       timeout=CLI_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "holds a complete run" in proc.stderr
+  assert "a larger --config.train.epochs continues it" in proc.stderr
   assert checkpointing.read_records(str(metrics)) == records
 
 
