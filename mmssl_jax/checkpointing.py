@@ -774,16 +774,15 @@ def inspect_workdir(workdir: str, config: ml_collections.ConfigDict
         f"{len(diffs)} field(s): {_describe(diffs)}; use the run's config or "
         "a new --workdir")
   changed = [d for d in all_diffs if d not in diffs]
-  if records and records[-1].get("final") and not (
-      steps and extends_run(records, config)):
+  final = records[-1] if records and records[-1].get("final") else None
+  if final is not None and not (steps and extends_run(records, config)):
+    reason = (why_complete(records, config) if steps else
+              "it has no checkpoint to continue from")
     return WorkdirStatus("complete", steps[-1] if steps else None,
-                         final=records[-1], changed=changed,
-                         reason=why_complete(records, config))
+                         final=final, changed=changed, reason=reason)
   if steps:
-    # `final` here: the complete run this resumption extends.
-    return WorkdirStatus("resume", steps[-1], changed=changed,
-                         final=records[-1] if records and records[-1].get(
-                             "final") else None)
+    # `final` here: the complete run this resumption extends, if any.
+    return WorkdirStatus("resume", steps[-1], changed=changed, final=final)
   if records:
     raise FileExistsError(
         f"{metrics_path} holds {len(records)} epoch record(s) but "

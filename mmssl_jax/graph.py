@@ -207,9 +207,9 @@ def topk_table_graph(table: jax.Array, refreshed: jax.Array, n_items: int,
 
   Each row holds k distinct items (a top-k), so the edges are unique (u, i)
   pairs: with the rows sorted, the item-major order is one sort of the
-  scalar keys i * n_users + u (`_item_major_csr`), 5-6x faster on CPU than
-  the argsort `with_csr` does (0.025 against 0.14 s for TikTok's 624k
-  edges). This graph is rebuilt every T steps, at T = 1 every step.
+  scalar keys i * n_users + u (`_item_major_csr`) instead of `with_csr`'s
+  argsort: on CPU the rebuild of TikTok's 624k edges takes 0.046 s instead
+  of 0.148 s. This graph is rebuilt every T steps, at T = 1 every step.
   """
   n_users, k = table.shape
   # Rows not yet written hold zeros: give them k distinct placeholder items

@@ -155,6 +155,11 @@ def test_complete_run_is_returned_not_retrained(stopped_run, tmp_path):
   before = _files(workdir)
   assert train.train_and_evaluate(_config(epochs=1), str(workdir)) == final
   assert _files(workdir) == before
+  # Without a checkpoint a larger budget cannot continue it either.
+  shutil.rmtree(workdir / train.CHECKPOINT_DIR)
+  status = checkpointing.inspect_workdir(str(workdir), _config(epochs=5))
+  assert status.kind == "complete" and status.final == final
+  assert status.reason == "it has no checkpoint to continue from"
 
 
 def _val_record(epoch):
