@@ -16,8 +16,10 @@ configuration's own peak (host memory; on an accelerator see
 
 compiles the step only (the state as shapes, nothing allocated for it) and
 prints XLA's buffer sizes: `xla_argument_gib` (state + inputs), `xla_temp_gib`
-(the step's scratch, allocated whole for each call) and `xla_output_gib`
-(aliased to the donated state). These tell the step's own memory from the
+(the step's scratch, allocated whole for each call), `xla_output_gib`
+(aliased to the donated state) and, on CPU, `xla_temp_gib_default_scheduler`
+(the scratch under XLA:CPU's default scheduler, which the step replaces by
+the memory-optimised one: `steps.step_compiler_options`). These tell the step's own memory from the
 data's, in minutes where a timed run at I = 1e6 takes a quarter of an hour.
 
 * `lowrank_fused`: critic.kind='lowrank' (rank 64, hidden 256/128) with the
@@ -163,11 +165,20 @@ def _memory_analysis(kind: str, run, ds, setup_s: float) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
+  from mmssl_jax import steps
   t0 = time.perf_counter()
   state = jax.eval_shape(run.init_state)
-  compiled = run.step.lower(state, jnp.int32(0), run.inputs).compile()
-  m = compiled.memory_analysis()
+  lowered = run.step.lower(state, jnp.int32(0), run.inputs)
+  m = lowered.compile().memory_analysis()
   gib = lambda b: round(b / 2**30, 3)
+  extra = {}
+  if steps.step_compiler_options():
+    # The same step under XLA's default (concurrency-optimised) scheduler,
+    # which the step replaces (`steps.step_compiler_options`).
+    default = lowered.compile(compiler_options={
+        "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"})
+    extra["xla_temp_gib_default_scheduler"] = gib(
+        default.memory_analysis().temp_size_in_bytes)
   return {
       "benchmark": "scale_memory", "config": kind, "n_items": ds.n_items,
       "n_users": ds.n_users, "n_train": len(ds.train),
@@ -176,7 +187,7 @@ def _memory_analysis(kind: str, run, ds, setup_s: float) -> dict:
       "xla_argument_gib": gib(m.argument_size_in_bytes),
       "xla_output_gib": gib(m.output_size_in_bytes),
       "xla_alias_gib": gib(m.alias_size_in_bytes),
-      "xla_temp_gib": gib(m.temp_size_in_bytes),
+      "xla_temp_gib": gib(m.temp_size_in_bytes), **extra,
       "peak_rss_gib": _peak_rss_gib(),
       "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
   }

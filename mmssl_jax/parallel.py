@@ -305,7 +305,8 @@ def make_sharded_step(config: ml_collections.ConfigDict, shapes: steps.Shapes,
   state_s = rep if state_shardings is None else state_shardings
   input_s = rep if input_shardings is None else input_shardings
   return jax.jit(fn, in_shardings=(state_s, rep, input_s),
-                 out_shardings=(state_s, rep), donate_argnums=0)
+                 out_shardings=(state_s, rep), donate_argnums=0,
+                 compiler_options=steps.step_compiler_options())
 
 
 def shard_eval_set(eval_set: evaluation.EvalSet,
