@@ -453,15 +453,6 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
       metrics.update(critic=d_loss, d_real=d_real, d_fake=d_fake, gp=gp)
 
     # --- Recommender step: second forward with a fresh dropout key (§4.3.3).
-    if adversarial == "wgan":
-      # A data dependence of the second forward on the critic step (its key
-      # is selected by a comparison that is always false, which XLA cannot
-      # fold): XLA's scheduler cannot then run the two forwards side by side,
-      # and the first forward's arrays are freed before the second's exist.
-      k_fwd2 = jax.random.wrap_key_data(jnp.where(
-          d_loss > jnp.inf, jax.random.key_data(k_fwd1),
-          jax.random.key_data(k_fwd2)))
-
     def rec_loss(params):
       out = forward(params, k_fwd2)
       u, p, n = out.user[users], out.item[pos], out.item[neg]
