@@ -19,8 +19,9 @@ prints XLA's buffer sizes: `xla_argument_gib` (state + inputs), `xla_temp_gib`
 (the step's scratch, allocated whole for each call), `xla_output_gib`
 (aliased to the donated state) and, on CPU, `xla_temp_gib_default_scheduler`
 (the scratch under XLA:CPU's default scheduler, which the step replaces by
-the memory-optimised one: `steps.step_compiler_options`). These tell the step's own memory from the
-data's, in minutes where a timed run at I = 1e6 takes a quarter of an hour.
+the memory-optimised one: `steps.step_compiler_options`). These tell the
+step's own memory from the data's, in minutes where a timed run at I = 1e6
+takes a quarter of an hour.
 
 * `lowrank_fused`: critic.kind='lowrank' (rank 64, hidden 256/128) with the
   blockwise fused generator (train.generator_block items per block): no

@@ -274,8 +274,8 @@ def step_compiler_options() -> dict[str, str] | None:
   XLA:CPU's default scheduler orders a program for concurrency and starts
   many (U or I) x d temporaries (zero cotangents, optimiser-moment copies)
   long before they are used, so they are all alive across the backward
-  pass. The memory-optimised one cuts the step's scratch by 37% at I = 1e5
-  (0.80 -> 0.50 GiB, `benchmarks/scale.py --compile_only`) at the same
+  pass. The memory-optimised one about halves the step's scratch (I = 1e5:
+  0.92 -> 0.49 GiB, `benchmarks/scale.py --compile_only`) at the same
   speed (README, "Speed and memory"). Other backends keep their defaults.
   """
   if jax.default_backend() != "cpu":
