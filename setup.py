@@ -22,7 +22,7 @@ setuptools.setup(
         "orbax-checkpoint>=0.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "matplotlib>=3.7", "tensorboardX>=2.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "matplotlib>=3.7", "tensorboardX>=2.6"],
         "plot": ["matplotlib>=3.7"],  # python -m mmssl_jax.plot
         "tensorboard": ["tensorboardX>=2.6"],  # progress.MetricWriter
     },

@@ -304,9 +304,8 @@ def make_sharded_step(config: ml_collections.ConfigDict, shapes: steps.Shapes,
   rep = replicated(mesh)
   state_s = rep if state_shardings is None else state_shardings
   input_s = rep if input_shardings is None else input_shardings
-  return jax.jit(fn, in_shardings=(state_s, rep, input_s),
-                 out_shardings=(state_s, rep), donate_argnums=0,
-                 compiler_options=steps.step_compiler_options())
+  return steps.jit_step(fn, in_shardings=(state_s, rep, input_s),
+                        out_shardings=(state_s, rep))
 
 
 def shard_eval_set(eval_set: evaluation.EvalSet,

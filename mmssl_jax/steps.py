@@ -283,6 +283,16 @@ def step_compiler_options() -> dict[str, str] | None:
   return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
+def jit_step(step: Callable, **shardings) -> Callable:
+  """`jax.jit` of a train step: state donated, `step_compiler_options`.
+
+  shardings: `in_shardings` / `out_shardings` for the sharded step
+  (`parallel.make_sharded_step`); none for one device.
+  """
+  return jax.jit(step, donate_argnums=0,
+                 compiler_options=step_compiler_options(), **shardings)
+
+
 def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
                     batch_constraint: Callable | None = None,
                     rows_constraint: Callable | None = None,
@@ -525,8 +535,7 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
 
   if not jit:
     return step
-  return jax.jit(step, donate_argnums=0,
-                 compiler_options=step_compiler_options())
+  return jit_step(step)
 
 
 def make_lightgcn_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
@@ -567,8 +576,7 @@ def make_lightgcn_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
 
   if not jit:
     return step
-  return jax.jit(step, donate_argnums=0,
-                 compiler_options=step_compiler_options())
+  return jit_step(step)
 
 
 def init_state(config: ml_collections.ConfigDict, shapes: Shapes,

@@ -113,13 +113,13 @@ def _bash_syntax_ok(command: str) -> None:
   assert proc.returncode == 0, proc.stderr
 
 
-def _setup_extras() -> set[str]:
-  """Keys of setup.py's extras_require."""
+def _setup_extras() -> dict[str, list[str]]:
+  """setup.py's extras_require: extra name -> requirements."""
   tree = ast.parse((helpers.REPO_ROOT / "setup.py").read_text())
   for node in ast.walk(tree):
     if isinstance(node, ast.keyword) and node.arg == "extras_require":
-      return set(ast.literal_eval(node.value))
-  return set()
+      return ast.literal_eval(node.value)
+  return {}
 
 
 def _config_field_exists(dotted: str) -> bool:
@@ -267,7 +267,7 @@ class Sandbox:
         assert m and "-e" in argv, part
         assert (helpers.REPO_ROOT / "setup.py").exists()
         extras = set((m.group(1) or "").split(",")) - {""}
-        assert extras <= _setup_extras(), (extras, _setup_extras())
+        assert extras <= set(_setup_extras()), (extras, _setup_extras())
       elif _is_module(argv, "mmssl_jax.main"):
         config, workdir = self.parse_main(argv[3:])
         assert workdir and config.train.epochs >= 1
@@ -286,7 +286,14 @@ class Sandbox:
 
   def check_pytest(self, argv: list[str]):
     assert importlib.util.find_spec("pytest") is not None
-    for a in argv[3:]:
+    args = argv[3:]
+    if "-n" in args:  # pytest-xdist's worker count, from the test extra
+      assert importlib.util.find_spec("xdist") is not None
+      assert any(r.startswith("pytest-xdist") for r in _setup_extras()["test"])
+      args = args[:args.index("-n")] + args[args.index("-n") + 2:]
+    if "--dist" in args:
+      args = args[:args.index("--dist")] + args[args.index("--dist") + 2:]
+    for a in args:
       if not a.startswith("-"):
         assert (helpers.REPO_ROOT / a).exists(), a
     return "checked"
