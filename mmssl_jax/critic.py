@@ -186,11 +186,6 @@ def _batch_norm(h: chex.Array, bn: Mapping[str, chex.Array],
   return normed * bn["scale"] + bn["bias"], new_stats
 
 
-def _dropout(key: chex.PRNGKey, h: chex.Array, rate: float) -> chex.Array:
-  """Inverted dropout (torch): zero w.p. rate, scale the rest by 1/(1-rate)."""
-  return noise.dropout(key, h, rate)
-
-
 def dense_critic_apply(
     params: Mapping[str, Mapping[str, chex.Array]],
     batch_stats: Mapping[str, Mapping[str, chex.Array]],
@@ -322,7 +317,7 @@ def critic_head(
       h, new_stats[name] = _batch_norm(h, params[name], batch_stats[name],
                                        train)
     if train and rate > 0:
-      h = _dropout(jax.random.fold_in(key, layer), h, rate)
+      h = noise.dropout(jax.random.fold_in(key, layer), h, rate)
   out = params[f"dense_{n_hidden}"]
   z = (h @ out["kernel"] + out["bias"])[:, 0]
   scores = output_scale * jax.nn.sigmoid(z) if sigmoid_output else z
