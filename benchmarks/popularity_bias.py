@@ -1,0 +1,96 @@
+r"""How popularity-like a trained run's rankings are (the first-epoch audit).
+
+  python -m mmssl_jax.export --workdir=RUN --output=RUN_export
+  python benchmarks/popularity_bias.py --export=RUN_export \
+      --data_dir=../shared/data/tiktok
+
+Ranks every item not in a user's training list by the exported scores
+(user_embeddings @ item_embeddings.T) and, for the validation and test
+users, prints one JSON line with:
+
+* `recall@20` of the run and of item popularity (training degree), and the
+  ratio validation / test of each (a popularity ranker has its own ratio);
+* `pop_overlap@20`: the mean share of a user's top 20 that is also in the
+  popularity top 20 (both with training items excluded);
+* `mean_log_degree@20`: the mean log(1 + training degree) of the top 20;
+* `item_score_spearman`: the rank correlation over items of the mean score
+  (over all users) with the training degree (ties get average ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+import scipy.stats
+
+from mmssl_jax import config_lib
+from mmssl_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("export", None, "Folder written by mmssl_jax.export.")
+flags.DEFINE_string("data_dir", None, "The run's dataset folder.")
+flags.DEFINE_integer("k", 20, "Cut-off.")
+flags.DEFINE_string("output", None, "Also write the JSON to this file.")
+
+
+def top_k(scores: np.ndarray, exclude: list[np.ndarray], k: int) -> np.ndarray:
+  """(n, k) item ids of the k best scores per row, excluded items never."""
+  scores = scores.copy()
+  for row, items in enumerate(exclude):
+    scores[row, items] = -np.inf
+  return np.argpartition(-scores, k, axis=1)[:, :k]
+
+
+def audit(user_emb, item_emb, ds, k: int) -> dict:
+  degree = np.bincount(ds.train.items, minlength=ds.n_items).astype(float)
+  train_lists = ds.train.user_lists(ds.n_users)
+  out = {"item_score_spearman": float(scipy.stats.spearmanr(
+      user_emb.mean(0) @ item_emb.T, degree).statistic)}
+  for name, split in (("val", ds.val), ("test", ds.test)):
+    lists = split.user_lists(ds.n_users)
+    users = np.array([u for u in range(ds.n_users) if len(lists[u])])
+    exclude = [train_lists[u] for u in users]
+    run_top = top_k(user_emb[users] @ item_emb.T, exclude, k)
+    pop_top = top_k(np.broadcast_to(degree, (len(users), ds.n_items)),
+                    exclude, k)
+    hits = lambda top: np.mean([np.isin(lists[u], t).sum() / len(lists[u])
+                                for u, t in zip(users, top)])
+    out[name] = {
+        "users": len(users), f"recall@{k}": float(hits(run_top)),
+        f"popularity_recall@{k}": float(hits(pop_top)),
+        f"pop_overlap@{k}": float(np.mean(
+            [len(np.intersect1d(a, b)) / k for a, b in zip(run_top, pop_top)])),
+        f"mean_log_degree@{k}": float(np.log1p(degree[run_top]).mean()),
+    }
+  for key in (f"recall@{k}", f"popularity_recall@{k}"):
+    out[f"val_over_test_{key}"] = out["val"][key] / out["test"][key]
+  return out
+
+
+def main(argv):
+  del argv
+  manifest = json.load(open(os.path.join(FLAGS.export, "manifest.json"),
+                            encoding="utf-8"))
+  config = config_lib.base_config()
+  config.data.source = "folder"
+  config.data.dir = FLAGS.data_dir
+  ds = train.load_dataset(config.data)
+  user = np.load(os.path.join(FLAGS.export, "user_embeddings.npy"))
+  item = np.load(os.path.join(FLAGS.export, "item_embeddings.npy"))
+  out = {"benchmark": "popularity_bias", "export": FLAGS.export,
+         "checkpoint": manifest.get("checkpoint"), "data": FLAGS.data_dir,
+         **audit(user, item, ds, FLAGS.k)}
+  line = json.dumps(out)
+  print(line)
+  if FLAGS.output:
+    with open(FLAGS.output, "w", encoding="utf-8") as f:
+      f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["export", "data_dir"])
+  app.run(main)
