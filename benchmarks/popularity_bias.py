@@ -15,6 +15,11 @@ users, prints one JSON line with:
 * `mean_log_degree@20`: the mean log(1 + training degree) of the top 20;
 * `item_score_spearman`: the rank correlation over items of the mean score
   (over all users) with the training degree (ties get average ranks).
+
+For an MMSSL export (with `feat_user_<m>.npy`), the same for the two parts
+of the final vectors (`mmssl_reference.md` §2.3 g): `id_part` ranks by
+ū·ī, with ū = u* - c Σ_m n(H^m_U) and c = `--model_cat_rate`, and
+`feature_part` by Σ_m n(H^m_U) · Σ_m n(H^m_I).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("export", None, "Folder written by mmssl_jax.export.")
 flags.DEFINE_string("data_dir", None, "The run's dataset folder.")
 flags.DEFINE_integer("k", 20, "Cut-off.")
+flags.DEFINE_float("model_cat_rate", 0.55, "c of u* = ū + c Σ n(H^m_U).")
 flags.DEFINE_string("output", None, "Also write the JSON to this file.")
 
 
@@ -71,6 +77,23 @@ def audit(user_emb, item_emb, ds, k: int) -> dict:
   return out
 
 
+def _normalise(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def parts(export: str, manifest: dict, user, item, c: float) -> dict:
+  """(user, item) arrays of the ID part and of the feature part."""
+  mods = manifest.get("modalities") or []
+  if not all(os.path.exists(os.path.join(export, f"feat_user_{m}.npy"))
+             for m in mods) or not mods:
+    return {}
+  load = lambda name: _normalise(np.load(os.path.join(export, name)))
+  feat_user = sum(load(f"feat_user_{m}.npy") for m in mods)
+  feat_item = sum(load(f"feat_item_{m}.npy") for m in mods)
+  return {"id_part": (user - c * feat_user, item - c * feat_item),
+          "feature_part": (feat_user, feat_item)}
+
+
 def main(argv):
   del argv
   manifest = json.load(open(os.path.join(FLAGS.export, "manifest.json"),
@@ -84,6 +107,9 @@ def main(argv):
   out = {"benchmark": "popularity_bias", "export": FLAGS.export,
          "checkpoint": manifest.get("checkpoint"), "data": FLAGS.data_dir,
          **audit(user, item, ds, FLAGS.k)}
+  for name, (u, i) in parts(FLAGS.export, manifest, user, item,
+                            FLAGS.model_cat_rate).items():
+    out[name] = audit(u, i, ds, FLAGS.k)
   line = json.dumps(out)
   print(line)
   if FLAGS.output:

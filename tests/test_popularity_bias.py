@@ -49,3 +49,24 @@ def test_anti_popular_scores_have_no_overlap_and_negative_correlation():
   # Users 0 and 1: run top {4, 5}, popularity tops {2, 3} and {1, 3}.
   assert out["val"]["pop_overlap@2"] == 0.0
   assert out["val"]["recall@2"] == 0.5  # user 1 hits its val item 5
+
+
+def test_parts_split_the_final_vectors_into_id_and_feature_terms(tmp_path):
+  rng = np.random.default_rng(0)
+  id_user, id_item = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
+  feats = {m: (rng.normal(size=(4, 3)), rng.normal(size=(6, 3)))
+           for m in ("audio", "image")}
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  for m, (fu, fi) in feats.items():
+    np.save(tmp_path / f"feat_user_{m}.npy", fu)
+    np.save(tmp_path / f"feat_item_{m}.npy", fi)
+  feat_user = sum(unit(fu) for fu, _ in feats.values())
+  feat_item = sum(unit(fi) for _, fi in feats.values())
+  user, item = id_user + 0.55 * feat_user, id_item + 0.55 * feat_item
+  out = popularity_bias.parts(str(tmp_path), {"modalities": list(feats)},
+                              user, item, 0.55)
+  np.testing.assert_allclose(out["id_part"][0], id_user, atol=1e-12)
+  np.testing.assert_allclose(out["id_part"][1], id_item, atol=1e-12)
+  np.testing.assert_allclose(out["feature_part"][1], feat_item, atol=1e-12)
+  assert popularity_bias.parts(str(tmp_path), {"modalities": ["text"]},
+                               user, item, 0.55) == {}
