@@ -5,8 +5,9 @@ r"""How popularity-like a trained run's rankings are (the first-epoch audit).
       --data_dir=../shared/data/tiktok
 
 Ranks every item not in a user's training list by the exported scores
-(user_embeddings @ item_embeddings.T) and, for the validation and test
-users, prints one JSON line with:
+(user_embeddings @ item_embeddings.T; `evaluation.evaluate` and
+`evaluation.topk_items`, so ties go to the lower item id) and, for the
+validation and test users, prints one JSON line with:
 
 * `recall@20` of the run and of item popularity (training degree), and the
   ratio validation / test of each (a popularity ranker has its own ratio);
@@ -33,6 +34,7 @@ import numpy as np
 import scipy.stats
 
 from mmssl_jax import config_lib
+from mmssl_jax import evaluation
 from mmssl_jax import train
 
 FLAGS = flags.FLAGS
@@ -43,31 +45,33 @@ flags.DEFINE_float("model_cat_rate", 0.55, "c of u* = ū + c Σ n(H^m_U).")
 flags.DEFINE_string("output", None, "Also write the JSON to this file.")
 
 
-def top_k(scores: np.ndarray, exclude: list[np.ndarray], k: int) -> np.ndarray:
-  """(n, k) item ids of the k best scores per row, excluded items never."""
-  scores = scores.copy()
-  for row, items in enumerate(exclude):
-    scores[row, items] = -np.inf
-  return np.argpartition(-scores, k, axis=1)[:, :k]
+def _top_items(user_emb, item_emb, eval_set, k: int) -> np.ndarray:
+  """(evaluated users, k) best unexcluded items (`evaluation.topk_items`)."""
+  blocks = [np.asarray(evaluation.topk_items(user_emb, item_emb, users,
+                                             exclude, k)[1])[valid]
+            for users, exclude, valid in zip(eval_set.users, eval_set.exclude,
+                                             eval_set.valid)]
+  return np.concatenate(blocks)
 
 
 def audit(user_emb, item_emb, ds, k: int) -> dict:
-  degree = np.bincount(ds.train.items, minlength=ds.n_items).astype(float)
-  train_lists = ds.train.user_lists(ds.n_users)
+  degree = np.bincount(ds.train.items, minlength=ds.n_items).astype(
+      np.float32)
+  popularity = (np.ones((ds.n_users, 1), np.float32), degree[:, None])
   out = {"item_score_spearman": float(scipy.stats.spearmanr(
       user_emb.mean(0) @ item_emb.T, degree).statistic)}
   for name, split in (("val", ds.val), ("test", ds.test)):
-    lists = split.user_lists(ds.n_users)
-    users = np.array([u for u in range(ds.n_users) if len(lists[u])])
-    exclude = [train_lists[u] for u in users]
-    run_top = top_k(user_emb[users] @ item_emb.T, exclude, k)
-    pop_top = top_k(np.broadcast_to(degree, (len(users), ds.n_items)),
-                    exclude, k)
-    hits = lambda top: np.mean([np.isin(lists[u], t).sum() / len(lists[u])
-                                for u, t in zip(users, top)])
+    eval_set = evaluation.build_eval_set(target=split, exclude=[ds.train],
+                                         n_users=ds.n_users,
+                                         n_items=ds.n_items)
+    recall = lambda u, i: evaluation.evaluate(u, i, eval_set,
+                                              ks=(k,))[f"recall@{k}"]
+    run_top = _top_items(user_emb, item_emb, eval_set, k)
+    pop_top = _top_items(*popularity, eval_set, k)
     out[name] = {
-        "users": len(users), f"recall@{k}": float(hits(run_top)),
-        f"popularity_recall@{k}": float(hits(pop_top)),
+        "users": int(eval_set.n_users),
+        f"recall@{k}": recall(user_emb, item_emb),
+        f"popularity_recall@{k}": recall(*popularity),
         f"pop_overlap@{k}": float(np.mean(
             [len(np.intersect1d(a, b)) / k for a, b in zip(run_top, pop_top)])),
         f"mean_log_degree@{k}": float(np.log1p(degree[run_top]).mean()),
@@ -84,8 +88,8 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def parts(export: str, manifest: dict, user, item, c: float) -> dict:
   """(user, item) arrays of the ID part and of the feature part."""
   mods = manifest.get("modalities") or []
-  if not all(os.path.exists(os.path.join(export, f"feat_user_{m}.npy"))
-             for m in mods) or not mods:
+  if not mods or not all(os.path.exists(
+      os.path.join(export, f"feat_user_{m}.npy")) for m in mods):
     return {}
   load = lambda name: _normalise(np.load(os.path.join(export, name)))
   feat_user = sum(load(f"feat_user_{m}.npy") for m in mods)
