@@ -290,9 +290,9 @@ class Sandbox:
     if "-n" in args:  # pytest-xdist's worker count, from the test extra
       assert importlib.util.find_spec("xdist") is not None
       assert any(r.startswith("pytest-xdist") for r in _setup_extras()["test"])
-      args = args[:args.index("-n")] + args[args.index("-n") + 2:]
-    if "--dist" in args:
-      args = args[:args.index("--dist")] + args[args.index("--dist") + 2:]
+    for flag in ("-n", "--dist"):  # flags with a value: drop both
+      if flag in args:
+        del args[args.index(flag):args.index(flag) + 2]
     for a in args:
       if not a.startswith("-"):
         assert (helpers.REPO_ROOT / a).exists(), a
