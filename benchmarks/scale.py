@@ -117,15 +117,20 @@ def run_one(kind: str, n_items: int) -> dict:
   ds = synthetic_catalogue(n_items)
   config = config_for(kind)
   run = train.Run(config, ds)
+  sizes = {"n_items": n_items, "n_users": ds.n_users,
+           "n_train": len(ds.train)}
+  # As `train.train_and_evaluate`: the host dataset is freed once `Run`
+  # holds the device arrays, and the step is compiled before it first runs.
+  del ds
   if FLAGS.compile_only:
-    return _memory_analysis(kind, run, ds, time.perf_counter() - t0)
+    return _memory_analysis(kind, run, sizes, time.perf_counter() - t0)
   state = run.init_state()
+  jax.block_until_ready(state)
   setup_s = time.perf_counter() - t0
   rss_setup = _peak_rss_gib()
-  t0 = time.perf_counter()
+  compile_s = run.compile_step(state)
   state, terms = run.step(state, jnp.int32(0), run.inputs)
   jax.block_until_ready(terms)
-  compile_s = time.perf_counter() - t0
   rss_compile = _peak_rss_gib()
   times = []
   for i in range(FLAGS.iters):
@@ -136,8 +141,7 @@ def run_one(kind: str, n_items: int) -> dict:
   times.sort()
   terms = jax.device_get(terms)
   out = {
-      "benchmark": "scale", "config": kind, "n_items": n_items,
-      "n_users": ds.n_users, "n_train": len(ds.train),
+      "benchmark": "scale", "config": kind, **sizes,
       "batch_size": config.train.batch_size,
       "generator_block": config.train.generator_block,
       "fused": steps.uses_fused_generator(config),
@@ -148,8 +152,8 @@ def run_one(kind: str, n_items: int) -> dict:
       "iter_s_min": round(times[0], 3), "iters": FLAGS.iters,
       "finite": bool(all(map(lambda v: bool(jnp.isfinite(v)),
                              terms.values()))),
-      # Peak RSS so far after data + state setup, after the first (compiled)
-      # step, and at the end: tells setup memory from step memory.
+      # Peak RSS so far after data + state setup, after compiling and the
+      # first step, and at the end: tells setup memory from step memory.
       "peak_rss_after_setup_gib": rss_setup,
       "peak_rss_after_first_step_gib": rss_compile,
       "peak_rss_gib": _peak_rss_gib(),
@@ -161,7 +165,7 @@ def run_one(kind: str, n_items: int) -> dict:
   return out
 
 
-def _memory_analysis(kind: str, run, ds, setup_s: float) -> dict:
+def _memory_analysis(kind: str, run, sizes: dict, setup_s: float) -> dict:
   """XLA's buffer sizes of the compiled step (`--compile_only`)."""
   # pylint: disable=g-import-not-at-top
   import jax
@@ -181,8 +185,7 @@ def _memory_analysis(kind: str, run, ds, setup_s: float) -> dict:
     extra["xla_temp_gib_default_scheduler"] = gib(
         default.memory_analysis().temp_size_in_bytes)
   return {
-      "benchmark": "scale_memory", "config": kind, "n_items": ds.n_items,
-      "n_users": ds.n_users, "n_train": len(ds.train),
+      "benchmark": "scale_memory", "config": kind, **sizes,
       "setup_s": round(setup_s, 2),
       "compile_s": round(time.perf_counter() - t0, 2),
       "xla_argument_gib": gib(m.argument_size_in_bytes),

@@ -362,12 +362,20 @@ def lightgcn_propagate(graph: BipartiteGraph, user_emb, item_emb,
 
 
 def mmssl_id_propagate(graph: BipartiteGraph, user_ego, item_ego,
-                       n_layers: int, *, last_layer_softmax: bool = True):
+                       n_layers: int, *, last_layer_softmax: bool = True,
+                       user_rows=None, item_rows=None):
   """The released code's ID GCN (§2.3 f): sequential layers, softmax last.
 
   Layer l: u^l = A_UI i^{l-1}, then i^l = A_IU u^l (items use the fresh
   users). On the last layer both are passed through a softmax over the
   embedding dimensions. Readout is the mean over layers 0..n_layers.
+
+  `user_rows` / `item_rows` (optional index arrays): return the readout of
+  those rows only. The item softmax and the layer mean are row-wise, so
+  they are taken after the gather; the training step needs only the batch
+  rows, and this keeps (U or I, d) softmax outputs and readouts, and their
+  cotangents, out of the backward pass. The user softmax stays whole: the
+  items' last layer reads every user's.
   """
   n_users, n_items = user_ego.shape[0], item_ego.shape[0]
   users, items = [user_ego], [item_ego]
@@ -377,10 +385,16 @@ def mmssl_id_propagate(graph: BipartiteGraph, user_ego, item_ego,
     if last:
       u = jax.nn.softmax(u, axis=-1)
     i = to_items(graph, u, n_items)
-    if last:
+    if last and item_rows is None:
       i = jax.nn.softmax(i, axis=-1)
     users.append(u)
     items.append(i)
+  if user_rows is not None:
+    users = [x[user_rows] for x in users]
+  if item_rows is not None:
+    items = [x[item_rows] for x in items]
+    if last_layer_softmax and n_layers:
+      items[-1] = jax.nn.softmax(items[-1], axis=-1)
   return jnp.mean(jnp.stack(users), 0), jnp.mean(jnp.stack(items), 0)
 
 

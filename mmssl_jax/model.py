@@ -165,7 +165,10 @@ def fuse_modalities(params: Params, views: list[Array],
   if hp.fusion == "mean_wsum":
     w_cat = params["w_self_attention_cat"]
     w_sum = w_cat.reshape(hp.head_num, hp.embed_size, hp.embed_size).sum(0)
-    return jnp.mean(jnp.stack(views), 0) @ w_sum
+    # The 1/M goes on W_sum, not on an (N, d) table: XLA:CPU's YNNPACK
+    # fusions take a scalar times a table as a materialised table-sized
+    # operand (`losses.l2_normalize`, scale).
+    return sum(views) @ (w_sum / len(views))
   if hp.fusion == "attention":
     out, _ = cross_modal_attention(params["attention"],
                                    jnp.stack(views, axis=1), hp.head_num)
@@ -177,7 +180,9 @@ def forward(params: Params, base_graph: graph_lib.BipartiteGraph,
             features: Mapping[str, Array],
             modality_graphs: Mapping[str, graph_lib.BipartiteGraph], *,
             key: Array, train: bool, hp: ModelHParams,
-            modality_is_base: Array | bool | None = None) -> ForwardOutput:
+            modality_is_base: Array | bool | None = None,
+            user_rows: Array | None = None,
+            item_rows: Array | None = None) -> ForwardOutput:
   """MMSSL recommender forward (§2.3 a-h).
 
   Args:
@@ -194,6 +199,10 @@ def forward(params: Params, base_graph: graph_lib.BipartiteGraph,
       §4.4) while the state's graphs are still empty, so the state needs no
       n_train-edge copy per modality (`steps.modality_graph_is_base`).
       None: use `modality_graphs` alone.
+    user_rows, item_rows: optional index arrays; `user` and `item` of the
+      output are then the final representations of those rows only (equal
+      to the whole output gathered there), computed without (U, d) / (I, d)
+      readouts (`graph.mmssl_id_propagate`). The other fields stay whole.
   """
   user_id = params["user_id_embedding"]
   item_id = params["item_id_embedding"]
@@ -221,14 +230,16 @@ def forward(params: Params, base_graph: graph_lib.BipartiteGraph,
     mod_item = {m: v + base_item for m, v in mod_item.items()}
   fused_user = fuse_modalities(params, list(mod_user.values()), hp)    # (d)
   fused_item = fuse_modalities(params, list(mod_item.values()), hp)
-  user_ego = user_id + hp.id_cat_rate * n(fused_user)                  # (e)
-  item_ego = item_id + hp.id_cat_rate * n(fused_item)
+  user_ego = user_id + n(fused_user, scale=hp.id_cat_rate)             # (e)
+  item_ego = item_id + n(fused_item, scale=hp.id_cat_rate)
   user, item = graph_lib.mmssl_id_propagate(                           # (f)
       base_graph, user_ego, item_ego, hp.id_layers,
-      last_layer_softmax=hp.last_layer_softmax)
+      last_layer_softmax=hp.last_layer_softmax, user_rows=user_rows,
+      item_rows=item_rows)
+  rows = lambda x, r: x if r is None else x[r]
   for m in features:                                                   # (g)
-    user = user + hp.model_cat_rate * n(feat_user[m])
-    item = item + hp.model_cat_rate * n(feat_item[m])
+    user = user + n(rows(feat_user[m], user_rows), scale=hp.model_cat_rate)
+    item = item + n(rows(feat_item[m], item_rows), scale=hp.model_cat_rate)
   return ForwardOutput(user, item, feat_user, feat_item, mod_user, mod_item)
 
 

@@ -407,15 +407,15 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
         lowrank and not fused):
       interactions = constrain_rows(graph_lib.dense_rows(lists, n_items))
     is_base = modality_graph_is_base(config, shapes, state.step)
-    forward = lambda p, key: model_lib.forward(
+    forward = lambda p, key, **rows: model_lib.forward(
         p, inputs.graph, inputs.features, state.modality_graphs, key=key,
-        train=True, hp=hp, modality_is_base=is_base)
+        train=True, hp=hp, modality_is_base=is_base, **rows)
     metrics = {}
 
     def real_rows(out, users, interactions):
       """The critic's (B, I) "real" rows (§3.5), constants of the D step."""
       model_rows = constrain_rows(graph_lib.generated_rows(
-          out.user[users], out.item, interactions, block_size=block))
+          out.user, out.item, interactions, block_size=block))
       real = losses.gumbel_real_rows(
           key=k_gumbel, interactions=interactions, model_rows=model_rows,
           gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
@@ -428,14 +428,16 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
     critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
     critic_stats = state.critic_stats
     if adversarial == "wgan":
-      out = jax.lax.stop_gradient(forward(state.params, k_fwd1))
+      # Only the batch users' final rows are read (`real_rows`).
+      out = jax.lax.stop_gradient(forward(state.params, k_fwd1,
+                                          user_rows=users))
       d_keys = (k_dreal, k_dfake, k_gp, k_gpx)
       if lowrank:
         def d_loss_fn(cp):
           factor = critic_lib.first_layer_factor(cp)
           if fused:
             z_real = graph_lib.fused_real_rows(
-                k_gumbel, out.user[users], out.item, lists, factor,
+                k_gumbel, out.user, out.item, lists, factor,
                 block_size=block, gumbel_scale=loss_cfg.gumbel_scale,
                 tau=loss_cfg.real_data_tau,
                 ui_pre_scale=loss_cfg.ui_pre_scale,
@@ -463,9 +465,18 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
       metrics.update(critic=d_loss, d_real=d_real, d_fake=d_fake, gp=gp)
 
     # --- Recommender step: second forward with a fresh dropout key (§4.3.3).
+    # The barrier hands the recommender step the D step's results and the
+    # parameters together, which lets XLA order the D step's (U or I) x d
+    # temporaries before the recommender's: step scratch at I = 1e6
+    # 4.13 -> 3.89 GiB (`benchmarks/scale.py --compile_only`). Same values.
+    critic_params, critic_opt_state, critic_stats, rec_params = (
+        jax.lax.optimization_barrier((critic_params, critic_opt_state,
+                                      critic_stats, state.params)))
+
     def rec_loss(params):
-      out = forward(params, k_fwd2)
-      u, p, n = out.user[users], out.item[pos], out.item[neg]
+      out = forward(params, k_fwd2, user_rows=users,
+                    item_rows=jnp.concatenate([pos, neg]))
+      u, (p, n) = out.user, jnp.split(out.item, 2)
       terms = {
           "bpr": losses.bpr_loss(user_emb=u, pos_emb=p, neg_emb=n),
           "emb_l2": losses.embedding_l2(
@@ -509,9 +520,9 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
       return total, (terms, jax.lax.stop_gradient((rows, feats)))
 
     (_, (terms, (rows, feats))), grads = jax.value_and_grad(
-        rec_loss, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+        rec_loss, has_aux=True)(rec_params)
+    updates, opt_state = tx.update(grads, state.opt_state, rec_params)
+    params = optax.apply_updates(rec_params, updates)
     metrics.update(terms)
 
     # The top-k refresh reads the second forward's generated rows (§4.4);

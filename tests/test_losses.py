@@ -162,6 +162,22 @@ def test_l2_normalize_gradient_finite_at_zero_and_correct_elsewhere():
   np.testing.assert_allclose(_grad(loss)(x), _grad(naive)(x), rtol=RTOL)
 
 
+def test_l2_normalize_scale_is_scale_times_normalised_rows():
+  x = _randn(9, 5, 4)
+  x = x.at[2].set(0.0)  # a zero row stays zero
+  got = losses.l2_normalize(x, scale=0.36)
+  np.testing.assert_allclose(got, 0.36 * losses.l2_normalize(x), rtol=1e-6)
+  np.testing.assert_array_equal(got[2], 0.0)
+  norms = np.linalg.norm(np.asarray(got), axis=1)
+  np.testing.assert_allclose(np.delete(norms, 2), 0.36, rtol=1e-6)
+  w = _randn(10, 5, 4)
+  scaled = lambda x: jnp.sum(w * losses.l2_normalize(x, scale=0.55))
+  naive = lambda x: jnp.sum(w * 0.55 * x / jnp.linalg.norm(x, axis=1,
+                                                           keepdims=True))
+  y = _randn(11, 5, 4)
+  np.testing.assert_allclose(_grad(scaled)(y), _grad(naive)(y), rtol=RTOL)
+
+
 # --- section 3.5: Gumbel "real" rows ------------------------------------------
 
 def _naive_real_rows(key, r, model_rows, scale, tau, kappa):

@@ -234,6 +234,45 @@ def test_forward_differs_between_empty_and_nonempty_modality_graph():
     np.testing.assert_array_equal(a.feat_user[m], b.feat_user[m])
 
 
+@pytest.mark.parametrize("fusion,softmax", [("mean_wsum", True),
+                                             ("attention", False)])
+def test_forward_rows_equal_whole_forward_gathered(fusion, softmax):
+  """`user_rows` / `item_rows` (the training step's readout of the batch
+  rows only) give the whole forward's rows, and the same gradients."""
+  hp = model_lib.ModelHParams(embed_size=DIM, head_num=HEADS, fusion=fusion,
+                              last_layer_softmax=softmax)
+  r, feats, gu, gi = _problem(6)
+  params = _params(7, hp)
+  base, graphs = _base(r), {"image": _graph(gu, gi), "text": _graph(gi % 7,
+                                                                     gi)}
+  users = jnp.asarray([3, 0, 3, 6], jnp.int32)  # a repeat, a cold user
+  items = jnp.asarray([8, 1, 1, 0, 5], jnp.int32)
+  w_u = jnp.asarray(_rand(8, 4, DIM), jnp.float32)
+  w_i = jnp.asarray(_rand(9, 5, DIM), jnp.float32)
+  key = jax.random.key(3)  # train mode: the dropout masks must agree too
+
+  def loss(p, rows):
+    kw = dict(user_rows=users, item_rows=items) if rows else {}
+    out = model_lib.forward(p, base, _feats(feats), graphs, key=key,
+                            train=True, hp=hp, **kw)
+    u, i = (out.user, out.item) if rows else (out.user[users],
+                                              out.item[items])
+    return jnp.sum(jnp.tanh(u) * w_u) + jnp.sum(jnp.sin(i) * w_i), (u, i)
+
+  (l0, (u0, i0)), g0 = jax.value_and_grad(
+      functools.partial(loss, rows=False), has_aux=True)(params)
+  (l1, (u1, i1)), g1 = jax.value_and_grad(
+      functools.partial(loss, rows=True), has_aux=True)(params)
+  assert u1.shape == (4, DIM) and i1.shape == (5, DIM)
+  np.testing.assert_allclose(u1, u0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(i1, i0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  flat0, flat1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
+  assert any(np.abs(np.asarray(a)).max() > 1e-3 for a in flat0)
+  for a, b in zip(flat0, flat1):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # Initialisation (§2.2)
 

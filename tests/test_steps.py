@@ -153,7 +153,7 @@ def test_one_step_is_finite_and_changes_both_parameter_sets(trajectory):
   assert not all(np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(s0.critic_stats), jax.tree.leaves(s1.critic_stats)))
   assert s1.critic_params["dense_0"]["kernel"].shape == (
-      run.ds.n_items, run.ds.n_items // 4)
+      run.shapes.n_items, run.shapes.n_items // 4)
 
 
 def test_metrics_terms_add_up_to_the_total_loss(trajectory):
@@ -240,8 +240,8 @@ def test_initial_forward_equals_forward_over_the_base_graph(test_run):
 def test_t1_schedule_graph_from_batch0_then_empty(trajectory):
   run, records, states, metrics = trajectory
   config = run.config
-  b, k = config.train.batch_size, steps.topk_k(config, run.ds.n_items)
-  n_users, n_items = run.ds.n_users, run.ds.n_items
+  b, k = config.train.batch_size, steps.topk_k(config, run.shapes.n_items)
+  n_users, n_items = run.shapes.n_users, run.shapes.n_items
   assert (config.graph_update.T, config.graph_update.pairing, k) == (1, "tiled",
                                                                      4)
   calls = {idx: (rows, users) for idx, rows, users in
@@ -251,7 +251,7 @@ def test_t1_schedule_graph_from_batch0_then_empty(trajectory):
   assert len(set(users0.tolist())) == b
   train_lists = np.asarray(run.inputs.sampler.train_lists)
 
-  for m in run.ds.modalities:
+  for m in run.shapes.modalities:
     # Recorded rows are the masked, normalised generated rows (§3.4).
     rows = np.asarray(rows0[m])
     assert rows.shape == (b, n_items)
@@ -307,7 +307,7 @@ def test_t1_schedule_graph_from_batch0_then_empty(trajectory):
 
   # With an empty graph the contrastive term is the constant log(2B - 1) per
   # modality (§3.6); idx 3 and 4 run on the graph emptied at idx 2.
-  n_mod = len(run.ds.modalities)
+  n_mod = len(run.shapes.modalities)
   const = -math.log(1.0 / (2 * b - 1) + 1e-8)
   for idx in (3, 4):
     np.testing.assert_allclose(metrics[idx]["cl"], n_mod * const, rtol=1e-5)
