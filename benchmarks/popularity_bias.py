@@ -19,7 +19,8 @@ validation and test users, prints one JSON line with:
 
 For an MMSSL export (with `feat_user_<m>.npy`), the same for the two parts
 of the final vectors (`mmssl_reference.md` §2.3 g): `id_part` ranks by
-ū·ī, with ū = u* - c Σ_m n(H^m_U) and c = `--model_cat_rate`, and
+ū·ī, with ū = u* - c Σ_m n(H^m_U) and c the run's `model.model_cat_rate`
+(from the export's manifest; `--model_cat_rate` overrides it), and
 `feature_part` by Σ_m n(H^m_U) · Σ_m n(H^m_I).
 """
 
@@ -41,7 +42,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("export", None, "Folder written by mmssl_jax.export.")
 flags.DEFINE_string("data_dir", None, "The run's dataset folder.")
 flags.DEFINE_integer("k", 20, "Cut-off.")
-flags.DEFINE_float("model_cat_rate", 0.55, "c of u* = ū + c Σ n(H^m_U).")
+flags.DEFINE_float("model_cat_rate", None,
+                   "c of u* = ū + c Σ n(H^m_U); default: the exported run's "
+                   "model.model_cat_rate (manifest.json).")
 flags.DEFINE_string("output", None, "Also write the JSON to this file.")
 
 
@@ -85,6 +88,19 @@ def _normalise(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def model_cat_rate(manifest: dict) -> float | None:
+  """c of §2.3 g: --model_cat_rate, else the exported run's own."""
+  if FLAGS.model_cat_rate is not None:
+    return FLAGS.model_cat_rate
+  c = manifest.get("model", {}).get("model_cat_rate")
+  if c is None and manifest.get("modalities"):
+    raise app.UsageError(
+        f"{os.path.join(FLAGS.export, 'manifest.json')}: no "
+        "model.model_cat_rate (an export of an older version); pass "
+        "--model_cat_rate")
+  return c
+
+
 def parts(export: str, manifest: dict, user, item, c: float) -> dict:
   """(user, item) arrays of the ID part and of the feature part."""
   mods = manifest.get("modalities") or []
@@ -112,7 +128,7 @@ def main(argv):
          "checkpoint": manifest.get("checkpoint"), "data": FLAGS.data_dir,
          **audit(user, item, ds, FLAGS.k)}
   for name, (u, i) in parts(FLAGS.export, manifest, user, item,
-                            FLAGS.model_cat_rate).items():
+                            model_cat_rate(manifest)).items():
     out[name] = audit(u, i, ds, FLAGS.k)
   line = json.dumps(out)
   print(line)

@@ -117,7 +117,11 @@ def build_manifest(restored, arrays: dict[str, np.ndarray],
       "modalities": modalities,
       "model": {"name": config.model.name,
                 "variant": config.get("variant", ""),
-                "ablation": config.get("ablation", "")},
+                "ablation": config.get("ablation", ""),
+                # u* = ū + c Σ_m n(H^m_U) (§2.3 g): what splits an export's
+                # vectors into their ID and feature parts.
+                **({"model_cat_rate": float(config.model.model_cat_rate)}
+                   if config.model.name == "mmssl" else {})},
       "checkpoint": {"step": int(restored.step), "epochs_done": meta.epoch,
                      "best_epoch": best.get("epoch"), "val": best.get("val")},
       "source_workdir": os.path.abspath(workdir),

@@ -314,8 +314,9 @@ def test_export_round_trip(trained, restored, tmp_path):
   assert (manifest["n_users"], manifest["n_items"], manifest["dim"]) == (
       ds.n_users, ds.n_items, 16)
   assert manifest["modalities"] == ["image", "text"]
-  assert manifest["model"] == {"name": "mmssl", "variant": "reference",
-                               "ablation": "full"}
+  assert manifest["model"] == {
+      "name": "mmssl", "variant": "reference", "ablation": "full",
+      "model_cat_rate": pytest.approx(restored.config.model.model_cat_rate)}
   assert manifest["checkpoint"]["step"] == restored.step
   assert manifest["source_workdir"] == os.path.abspath(workdir)
   expected = {"user_embeddings.npy", "item_embeddings.npy"} | {
