@@ -88,16 +88,16 @@ def _normalise(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def model_cat_rate(manifest: dict) -> float | None:
-  """c of §2.3 g: --model_cat_rate, else the exported run's own."""
-  if FLAGS.model_cat_rate is not None:
-    return FLAGS.model_cat_rate
+def model_cat_rate(manifest: dict, export: str,
+                   given: float | None) -> float | None:
+  """c of §2.3 g: `given` (--model_cat_rate), else the exported run's own."""
+  if given is not None:
+    return given
   c = manifest.get("model", {}).get("model_cat_rate")
   if c is None and manifest.get("modalities"):
     raise app.UsageError(
-        f"{os.path.join(FLAGS.export, 'manifest.json')}: no "
-        "model.model_cat_rate (an export of an older version); pass "
-        "--model_cat_rate")
+        f"{os.path.join(export, 'manifest.json')}: no model.model_cat_rate "
+        "(an export of an older version); pass --model_cat_rate")
   return c
 
 
@@ -128,7 +128,8 @@ def main(argv):
          "checkpoint": manifest.get("checkpoint"), "data": FLAGS.data_dir,
          **audit(user, item, ds, FLAGS.k)}
   for name, (u, i) in parts(FLAGS.export, manifest, user, item,
-                            model_cat_rate(manifest)).items():
+                            model_cat_rate(manifest, FLAGS.export,
+                                           FLAGS.model_cat_rate)).items():
     out[name] = audit(u, i, ds, FLAGS.k)
   line = json.dumps(out)
   print(line)

@@ -4,7 +4,6 @@ recall and rank correlation."""
 import sys
 
 from absl import app
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 
@@ -76,16 +75,12 @@ def test_parts_split_the_final_vectors_into_id_and_feature_terms(tmp_path):
 
 
 def test_model_cat_rate_comes_from_the_manifest_unless_given():
-  flags = popularity_bias.FLAGS
-  if not flags.is_parsed():
-    flags(["popularity_bias"])
   mmssl = {"modalities": ["audio"], "model": {"model_cat_rate": 0.4}}
   older = {"modalities": ["audio"], "model": {"name": "mmssl"}}
-  with flagsaver.flagsaver(model_cat_rate=None, export="EXPORT"):
-    assert popularity_bias.model_cat_rate(mmssl) == 0.4
-    with pytest.raises(app.UsageError, match="EXPORT/manifest.json"):
-      popularity_bias.model_cat_rate(older)
-    assert popularity_bias.model_cat_rate({"modalities": []}) is None
-  with flagsaver.flagsaver(model_cat_rate=0.7):
-    assert popularity_bias.model_cat_rate(mmssl) == 0.7
-    assert popularity_bias.model_cat_rate(older) == 0.7
+  rate = popularity_bias.model_cat_rate
+  assert rate(mmssl, "EXPORT", None) == 0.4
+  with pytest.raises(app.UsageError, match="EXPORT/manifest.json"):
+    rate(older, "EXPORT", None)
+  assert rate({"modalities": []}, "EXPORT", None) is None
+  assert rate(mmssl, "EXPORT", 0.7) == 0.7
+  assert rate(older, "EXPORT", 0.7) == 0.7
