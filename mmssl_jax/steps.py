@@ -412,7 +412,7 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
         train=True, hp=hp, modality_is_base=is_base, **rows)
     metrics = {}
 
-    def real_rows(out, users, interactions):
+    def real_rows(out, interactions):
       """The critic's (B, I) "real" rows (§3.5), constants of the D step."""
       model_rows = constrain_rows(graph_lib.generated_rows(
           out.user, out.item, interactions, block_size=block))
@@ -444,7 +444,7 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
                 use_gumbel=loss_cfg.gumbel_transform,
                 log_logits=loss_cfg.gumbel_log_logits, **block_kw)
           else:
-            z_real = constrain(real_rows(out, users, interactions) @ factor)
+            z_real = constrain(real_rows(out, interactions) @ factor)
           h_real = constrain(critic_lib.first_layer_from_projection(
               cp, constrain(z_real)))
           h_fake = first_layer_of_projections(
@@ -454,7 +454,7 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
       else:
         fake = jnp.concatenate(
             list(gen_rows(out, users, interactions).values()))
-        real = real_rows(out, users, interactions)
+        real = real_rows(out, interactions)
         d_loss_fn = lambda cp: critic_loss(cp, config, critic_stats, real,
                                            fake, n_mod, d_keys)
       (d_loss, (critic_stats, d_real, d_fake, gp)), grads = (
