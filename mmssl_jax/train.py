@@ -146,7 +146,6 @@ class Run:
 
   def __init__(self, config: ml_collections.ConfigDict, ds: Dataset):
     self.config = config
-    self.dataset_name = ds.name
     self.modality_dims = ds.modality_dims
     self.is_mmssl = config.model.name == "mmssl"
     self.shapes = steps.Shapes(

@@ -224,7 +224,6 @@ def test_run_holds_no_reference_to_the_host_dataset():
   alive = weakref.ref(ds)
   run = train.Run(config, ds)
   assert run.modality_dims == ds.modality_dims
-  assert run.dataset_name == ds.name
   del ds
   gc.collect()
   assert alive() is None
