@@ -3,10 +3,23 @@
 Real-data tests are marked `@pytest.mark.requires_shared_data` (or decorated
 with `conftest.requires_shared_data`); they skip when `<repo>/../shared/data`
 is absent, so the suite still passes on a bare checkout.
+
+The whole session shares one persistent JAX compilation cache (a temporary
+folder, removed at the end): many tests, in both xdist workers and in the
+CLI subprocesses they start, compile the same programs (the step of
+configs/test.py above all). The cache changes no result: an executable is
+reused only for the same program, compiler options and XLA flags. Tests that
+count compilations count `/jax/core/compile/backend_compile_duration`, which
+JAX records for cache hits too. Processes joined by jax.distributed must not
+use it (`helpers.without_compilation_cache`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,9 +37,42 @@ def shared_data_dir() -> Path:
 requires_shared_data = pytest.mark.requires_shared_data
 
 
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_CREATED_CACHE = []  # the folder this process made (the xdist controller's)
+_CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
+                   "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+def _share_compilation_cache() -> None:
+  """Points JAX (here and in every child process) at the session's cache.
+
+  The xdist controller makes the folder before it starts the workers, which
+  inherit the environment; a folder the user set is used as it is."""
+  if not os.environ.get(_CACHE_ENV):
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="mmssl_jax_test_cache_")
+    _CREATED_CACHE.append(os.environ[_CACHE_ENV])
+  # Every program, however small: a process's eager start-up (parameter
+  # initialisation) compiles ~60 one-op programs of about 0.1 s each: for
+  # configs/test.py on 2 cores, building the Run and its state took 10 s
+  # with a cold cache and 2 s with a warm one.
+  for name, value in _CACHE_SETTINGS.items():
+    os.environ.setdefault(name.upper(), str(value))
+  if "jax" in sys.modules:  # imported before this hook read the environment
+    jax = sys.modules["jax"]
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    for name, value in _CACHE_SETTINGS.items():
+      jax.config.update(name, type(value)(os.environ[name.upper()]))
+
+
 def pytest_configure(config: pytest.Config) -> None:
   config.addinivalue_line(
       "markers", "requires_shared_data: skip unless ../shared/data exists")
+  _share_compilation_cache()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:  # pylint: disable=unused-argument
+  for folder in _CREATED_CACHE:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

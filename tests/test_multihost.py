@@ -30,10 +30,8 @@ gets SIGTERM after the 25th step (epoch 1, batch 4 of 21). Checked:
   both processes print the same one-line error and exit 1.
 
 Every process has a timeout, so a deadlock fails the test instead of
-hanging it. No persistent compilation cache: with jax 0.10.2, CPU processes
-joined by jax.distributed hung in their first step when the executables came
-from the cache (observed here, cause not investigated), so every launch
-compiles.
+hanging it. No persistent compilation cache
+(`helpers.without_compilation_cache`), so every launch compiles.
 """
 
 from __future__ import annotations
@@ -88,8 +86,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict[str, str]:
-  env = dict(os.environ)
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env = helpers.without_compilation_cache(dict(os.environ))
   env.update(
       XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
                  f"{helpers.FAST_XLA_FLAGS}"),

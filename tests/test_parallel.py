@@ -176,7 +176,7 @@ def test_two_processes_through_jax_distributed_equal_one_process(
   """launch/local_multiprocess.sh: 2 processes x 2 CPU devices joined by
   jax.distributed (gloo collectives) on 127.0.0.1; one step and the sharded
   validation metrics equal the single-process 4-device run's."""
-  env = helpers.device_env(2)
+  env = helpers.without_compilation_cache(helpers.device_env(2))
   env.pop("XLA_FLAGS")
   env.update(PYTHON=sys.executable, NUM_PROCESSES="2", DEVICES_PER_PROCESS="2",
              XLA_FLAGS_EXTRA=helpers.FAST_XLA_FLAGS,

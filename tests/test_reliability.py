@@ -255,7 +255,8 @@ def _env(cache_dir):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " "
                       + helpers.FAST_XLA_FLAGS).strip()
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  # The session's cache (conftest.py), or one for this test's runs.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir))
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return env
