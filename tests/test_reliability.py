@@ -251,14 +251,12 @@ def _cli(*args, workdir):
   return [sys.executable, "-m", "mmssl_jax.main", *args, f"--workdir={workdir}"]
 
 
-def _env(cache_dir):
+def _env():
+  """The CLI's environment: fast XLA flags; the session's compilation cache
+  (conftest.py) is inherited, so a rerun loads what the first run compiled."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " "
                       + helpers.FAST_XLA_FLAGS).strip()
-  # The session's cache (conftest.py), or one for this test's runs.
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir))
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return env
 
 
@@ -273,7 +271,7 @@ def _assert_one_error_line(stderr, *fragments):
 
 def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
   workdir = tmp_path / "run"
-  env = _env(tmp_path / "jax_cache")
+  env = _env()
   metrics = workdir / train.METRICS_FILE
   args = ["--config=configs/test.py", "--config.eval.patience=1000"]
   with open(tmp_path / "stderr.txt", "w+") as err:
@@ -335,7 +333,7 @@ def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
 
 
 def test_cli_config_mismatch_and_nan_exit_1_with_one_line(tmp_path):
-  env = _env(tmp_path / "jax_cache")
+  env = _env()
   workdir = tmp_path / "run"
   # LightGCN with an absurd learning rate: NaN after the first update.
   proc = subprocess.run(
@@ -377,7 +375,7 @@ def test_cli_misspelled_config_field_is_one_line_usage_error(tmp_path):
       _cli("--config=configs/test.py", "--config.train.epoch=3",
            workdir=workdir),
       cwd=helpers.REPO_ROOT, capture_output=True, text=True,
-      env=_env(tmp_path / "jax_cache"), timeout=CLI_TIMEOUT_S)
+      env=_env(), timeout=CLI_TIMEOUT_S)
   assert proc.returncode == 2, proc.stderr[-3000:]
   _assert_one_error_line(proc.stderr, "bad --config override", "epoch",
                          'Did you mean "epochs"')
