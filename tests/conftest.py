@@ -12,6 +12,15 @@ reused only for the same program, compiler options and XLA flags. Tests that
 count compilations count `/jax/core/compile/backend_compile_duration`, which
 JAX records for cache hits too. Processes joined by jax.distributed must not
 use it (`helpers.without_compilation_cache`).
+
+Every program of the session (in the workers and in the processes they
+start) is compiled with helpers.FAST_COMPILE_OPTIONS (XLA backend
+optimisation level 0, no fusion emitters), added to XLA_FLAGS before JAX
+starts its backend: the same HLO at a quarter of the CPU compile time; on
+2 cores the suite went from 12:34 to 9:24 (user time 21:40 -> 16:15).
+Results differ from XLA's default options by float rounding only;
+tests/test_steps.py compares three steps of configs/test.py compiled both
+ways.
 """
 
 from __future__ import annotations
@@ -64,10 +73,21 @@ def _share_compilation_cache() -> None:
       jax.config.update(name, type(value)(os.environ[name.upper()]))
 
 
+def _fast_backend_compilation() -> None:
+  """XLA_FLAGS (here and in every child process) with helpers.FAST_XLA_FLAGS.
+
+  Read when JAX starts its backend, after this hook (no test has run yet)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  flags = os.environ.get("XLA_FLAGS", "")
+  if helpers.FAST_XLA_FLAGS not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {helpers.FAST_XLA_FLAGS}".strip()
+
+
 def pytest_configure(config: pytest.Config) -> None:
   config.addinivalue_line(
       "markers", "requires_shared_data: skip unless ../shared/data exists")
   _share_compilation_cache()
+  _fast_backend_compilation()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:  # pylint: disable=unused-argument

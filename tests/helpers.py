@@ -207,6 +207,11 @@ def dense_from_graph_edges(users, items, weights, n_rows, n_cols,
 # up to float rounding.
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
                         "xla_cpu_use_fusion_emitters": False}
+# XLA's own CPU defaults for the same two options (compiling with these gives
+# the optimised HLO of compiling with no options in a clean environment);
+# compiler_options override XLA_FLAGS.
+DEFAULT_COMPILE_OPTIONS = {"xla_backend_optimization_level": 2,
+                           "xla_cpu_use_fusion_emitters": True}
 FAST_XLA_FLAGS = " ".join(f"--{k}={str(v).lower()}"
                           for k, v in FAST_COMPILE_OPTIONS.items())
 

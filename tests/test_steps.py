@@ -126,6 +126,45 @@ def test_step_compiles_exactly_once(trajectory):
   assert records["compiles"].count("jit(step)") == before
 
 
+def test_default_backend_options_give_the_same_steps_as_the_fast_ones():
+  """The suite compiles with helpers.FAST_COMPILE_OPTIONS (conftest.py);
+  users run XLA's default CPU backend options. The same lowered step of
+  configs/test.py, compiled both ways, gives the same 3 steps: loss terms to
+  rtol 1e-5, and the state after the first step as tests/test_parallel.py
+  compares two summation orders (the BatchNorm-fed critic biases, whose true
+  gradient is 0, to 2 lr: Adam's first step is +-lr whatever the rounding
+  noise; over 3 steps it observed 6 lr)."""
+  import test_parallel  # pylint: disable=g-import-not-at-top
+  config = helpers.load_config("test")
+  run = train.Run(config, synthetic.make_synthetic(config.data.synthetic))
+  lowered = run.step.lower(run.init_state(), jnp.int32(0), run.inputs)
+  default = lowered.compile(compiler_options=helpers.DEFAULT_COMPILE_OPTIONS)
+  fast = lowered.compile(compiler_options=helpers.FAST_COMPILE_OPTIONS)
+  assert default.as_text() != fast.as_text()  # the options took effect
+  results = []
+  for compiled in (default, fast):
+    state, terms = run.init_state(), []
+    for idx in range(3):
+      state, t = compiled(state, jnp.int32(idx), run.inputs)
+      terms.append(jax.device_get(t))
+      if idx == 0:
+        host = jax.device_get(state._replace(rng=None))
+        first = {jax.tree_util.keystr(path): np.asarray(leaf)
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(
+                     (host.params, host.critic_params, host.critic_stats,
+                      host.modality_graphs, host.graph_buffer,
+                      host.opt_state, host.critic_opt_state))}
+    results.append((terms, first))
+  (terms_default, state_default), (terms_fast, state_fast) = results
+  for a, b in zip(terms_default, terms_fast):
+    assert a.keys() == b.keys() and "critic" in a and "gen" in a
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-5, err_msg=k)
+  test_parallel._compare_states(  # pylint: disable=protected-access
+      state_default, state_fast, critic_lr=config.critic.lr,
+      batch_norm_critic=True)
+
+
 # ----------------------------------------------------------------------------
 # One step
 
