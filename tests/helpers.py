@@ -8,7 +8,6 @@ configuration builds and runs).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 import os
@@ -199,12 +198,13 @@ def dense_from_graph_edges(users, items, weights, n_rows, n_cols,
 
 
 # ----------------------------------------------------------------------------
-# Cheap compilation for "does this config build and run" tests
+# Cheap compilation (the whole session: conftest.py)
 
 
 # XLA options that cut the CPU compile time of the MMSSL step about 4x
 # (backend optimisation level 0, no fusion emitters); same HLO, same results
-# up to float rounding.
+# up to float rounding. conftest.py adds them to XLA_FLAGS for every program
+# of the test session, child processes included.
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
                         "xla_cpu_use_fusion_emitters": False}
 # XLA's own CPU defaults for the same two options (compiling with these gives
@@ -214,50 +214,6 @@ DEFAULT_COMPILE_OPTIONS = {"xla_backend_optimization_level": 2,
                            "xla_cpu_use_fusion_emitters": True}
 FAST_XLA_FLAGS = " ".join(f"--{k}={str(v).lower()}"
                           for k, v in FAST_COMPILE_OPTIONS.items())
-
-
-def compile_fast(jitted, *args):
-  """Compiles `jitted` for `args` with FAST_COMPILE_OPTIONS.
-
-  The HLO is the one of the default `jitted(*args)` path; only backend
-  options differ. Enough for tests that only run one step of a configuration.
-  """
-  lowered = jitted.lower(*args)
-  try:
-    return lowered.compile(compiler_options=FAST_COMPILE_OPTIONS)
-  except Exception:  # pylint: disable=broad-except  # option unknown here
-    return lowered.compile()
-
-
-fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE_OPTIONS)
-
-
-class JaxWithFastJit:
-  """Stands in for the `jax` module of a module under test (monkeypatched as
-  its `jax` attribute) so that its `jax.jit` compiles with
-  FAST_COMPILE_OPTIONS; everything else is the real `jax`. Jit caching and
-  donation are unchanged."""
-
-  jit = staticmethod(fast_jit)
-
-  def __getattr__(self, name):
-    return getattr(jax, name)
-
-
-_COMPILED = {}
-
-
-def compile_fast_shared(jitted, *args):
-  """compile_fast, reusing an executable already built for the same HLO (two
-  configs whose programs are identical run the same executable)."""
-  lowered = jitted.lower(*args)
-  key = hash(lowered.as_text())
-  if key not in _COMPILED:
-    try:
-      _COMPILED[key] = lowered.compile(compiler_options=FAST_COMPILE_OPTIONS)
-    except Exception:  # pylint: disable=broad-except  # option unknown here
-      _COMPILED[key] = lowered.compile()
-  return _COMPILED[key]
 
 
 def tree_all_finite(tree) -> bool:
@@ -283,7 +239,7 @@ def device_env(device_count: int) -> dict[str, str]:
   """Environment of a subprocess with `device_count` simulated CPU devices."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={device_count}"
-                      f" {FAST_XLA_FLAGS}")
+                      f" {env.get('XLA_FLAGS', '')}").strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
       [str(REPO_ROOT), str(REPO_ROOT / "tests"), env.get("PYTHONPATH", "")])

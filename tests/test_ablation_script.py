@@ -30,7 +30,6 @@ METRICS = ("recall@20", "precision@20", "ndcg@20", "ndcg_mmssl@20")
 
 def _env() -> dict[str, str]:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {helpers.FAST_XLA_FLAGS}"
   env["JAX_PLATFORMS"] = "cpu"
   return env
 

@@ -7,8 +7,7 @@ records (minus timing fields). Same-seed runs are bit-identical and a
 different seed gives a different run.
 
 All runs share one compiled step (the step is a pure function of the config
-and shapes; `make_mmssl_step` is memoised here), compiled with the faster
-backend options of `helpers.FAST_COMPILE_OPTIONS`.
+and shapes; `make_mmssl_step` is memoised here).
 """
 
 import json
@@ -65,7 +64,6 @@ class StepHooks:
 def hooks_fixture():
   hooks = StepHooks()
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(steps, "jax", helpers.JaxWithFastJit())
     mp.setattr(steps, "make_mmssl_step", hooks.make)
     yield hooks
 

@@ -54,7 +54,6 @@ def _write_folder(path: Path, seed: int = 0) -> Path:
 
 def _env() -> dict[str, str]:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {helpers.FAST_XLA_FLAGS}"
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("OUT", None)
   return env

@@ -165,7 +165,7 @@ def test_one_sided_weights_with_duplicates_equal_summed_csr(traced):
   items = rng.integers(0, 6, n).astype(np.int32)
   valid = np.arange(n) < 45                         # the tail is padding
   if traced:
-    w_u, w_i = helpers.fast_jit(lambda u, i, v: graph_lib.one_sided_weights(
+    w_u, w_i = jax.jit(lambda u, i, v: graph_lib.one_sided_weights(
         u, i, v, 7, 6))(jnp.asarray(users), jnp.asarray(items),
                         jnp.asarray(valid))
   else:
@@ -222,7 +222,7 @@ def test_generated_rows_match_dense(block_size):
   rng = np.random.default_rng(19)
   r = (rng.random((b, n_items)) < 0.3).astype(np.float32)
   r[3] = 1.0  # every entry of row 3 is masked
-  got = helpers.fast_jit(lambda p, q, r: graph_lib.generated_rows(
+  got = jax.jit(lambda p, q, r: graph_lib.generated_rows(
       p, q, r, block_size=block_size))(jnp.asarray(p), jnp.asarray(q),
                                        jnp.asarray(r))
   got = np.asarray(got)
@@ -240,7 +240,7 @@ def test_generated_rows_all_masked_row_has_finite_gradient():
   p, q = jnp.asarray(_x(20, 3, D)), jnp.asarray(_x(21, 10, D))
   r = jnp.zeros((3, 10)).at[1].set(1.0)
   w = jnp.asarray(_x(22, 3, 10))
-  grads = helpers.fast_jit(jax.grad(
+  grads = jax.jit(jax.grad(
       lambda p, q: jnp.sum(w * graph_lib.generated_rows(p, q, r, block_size=4)),
       argnums=(0, 1)))(p, q)
   assert helpers.tree_all_finite(grads)
@@ -268,9 +268,9 @@ def test_propagation_gradients_are_the_transposed_products(variant):
   a_ui, a_iu = helpers.one_sided_dense(helpers.dense_counts(users, items, U, I))
   wu, wi = _x(24, U, D), _x(25, I, D)
   xi, xu = jnp.asarray(_x(26, I, D)), jnp.asarray(_x(27, U, D))
-  grad_users = helpers.fast_jit(jax.grad(
+  grad_users = jax.jit(jax.grad(
       lambda x: jnp.sum(wu * graph_lib.to_users(g, x, U))))(xi)
-  grad_items = helpers.fast_jit(jax.grad(
+  grad_items = jax.jit(jax.grad(
       lambda x: jnp.sum(wi * graph_lib.to_items(g, x, I))))(xu)
   np.testing.assert_allclose(grad_users, a_ui.T @ wu, atol=ATOL)
   np.testing.assert_allclose(grad_items, a_iu.T @ wi, atol=ATOL)
@@ -289,7 +289,7 @@ def test_id_propagation_gradient_matches_finite_differences():
     u, i = graph_lib.mmssl_id_propagate(g, eu, ei, 2)
     return jnp.sum(wu * u) + jnp.sum(wi * i)
 
-  gu, gi = helpers.fast_jit(jax.grad(f, argnums=(0, 1)))(eu, ei)
+  gu, gi = jax.jit(jax.grad(f, argnums=(0, 1)))(eu, ei)
   eps = 1e-2
   fd = (f(eu + eps * du, ei + eps * di) - f(eu - eps * du, ei - eps * di)) / (
       2 * eps)
@@ -306,7 +306,7 @@ def test_sort_graph_matches_dense_one_sided():
   users = rng.integers(0, U, n).astype(np.int32)
   items = rng.integers(0, I, n).astype(np.int32)
   valid = rng.random(n) < 0.7
-  g = helpers.fast_jit(lambda u, i, v: graph_lib.sort_graph(u, i, v, U, I))(
+  g = jax.jit(lambda u, i, v: graph_lib.sort_graph(u, i, v, U, I))(
       jnp.asarray(users), jnp.asarray(items), jnp.asarray(valid))
   assert g.n_edges == n
   w_u, w_i = np.asarray(g.to_user_weight), np.asarray(g.to_item_weight)

@@ -113,7 +113,7 @@ def _base(r):
 @functools.lru_cache(maxsize=None)
 def _init_fn(hp, n_users, n_items, dims):
   """init_params under jit (eager initialisers compile op by op: slow)."""
-  return helpers.fast_jit(lambda key: model_lib.init_params(
+  return jax.jit(lambda key: model_lib.init_params(
       key, n_users=n_users, n_items=n_items, modality_dims=dict(dims),
       hp=hp))
 
@@ -125,7 +125,7 @@ def _init(seed, hp, n_users=N_USERS, n_items=N_ITEMS, dims=None):
 
 
 # All arrays are arguments (nothing closed over), so tests share compilations.
-_forward = helpers.fast_jit(model_lib.forward, static_argnames=("train", "hp"))
+_forward = jax.jit(model_lib.forward, static_argnames=("train", "hp"))
 
 
 def _params(seed, hp):
@@ -196,7 +196,7 @@ def test_forward_with_empty_modality_graph_has_u0_equal_to_id_embedding(
 
   monkeypatch.setattr(model_lib.graph_lib, "mmssl_id_propagate", spy)
 
-  @helpers.fast_jit  # its own jit: the spy must be traced
+  @jax.jit  # its own jit: the spy must be traced
   def fwd(params):
     out = model_lib.forward(params, base, _feats(feats),
                             {"image": empty, "text": empty},
@@ -371,14 +371,14 @@ def test_lightgcn_forward_matches_dense():
   r = (rng.random((N_USERS, N_ITEMS)) < 0.4).astype(np.float64)
   g = jax.tree.map(jnp.asarray, graph_lib.build_graph(
       *np.nonzero(r), N_USERS, N_ITEMS, norm="symmetric"))
-  params = helpers.fast_jit(lambda k: model_lib.init_embeddings(
+  params = jax.jit(lambda k: model_lib.init_embeddings(
       k, N_USERS, N_ITEMS, DIM))(jax.random.key(0))
   a_ui, a_iu = helpers.symmetric_dense(r)
   us = [np.asarray(params["user_id_embedding"], np.float64)]
   is_ = [np.asarray(params["item_id_embedding"], np.float64)]
   for _ in range(3):
     us, is_ = us + [a_ui @ is_[-1]], is_ + [a_iu @ us[-1]]
-  u, i = helpers.fast_jit(model_lib.lightgcn_forward, static_argnums=2)(
+  u, i = jax.jit(model_lib.lightgcn_forward, static_argnums=2)(
       params, g, 3)
   np.testing.assert_allclose(u, np.mean(us, 0), atol=1e-6)
   np.testing.assert_allclose(i, np.mean(is_, 0), atol=1e-6)

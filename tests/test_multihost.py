@@ -89,7 +89,7 @@ def _env(devices: int) -> dict[str, str]:
   env = helpers.without_compilation_cache(dict(os.environ))
   env.update(
       XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
-                 f"{helpers.FAST_XLA_FLAGS}"),
+                 f"{env.get('XLA_FLAGS', '')}").strip(),
       JAX_PLATFORMS="cpu",
       PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
   return env

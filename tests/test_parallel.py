@@ -177,7 +177,7 @@ def test_two_processes_through_jax_distributed_equal_one_process(
   jax.distributed (gloo collectives) on 127.0.0.1; one step and the sharded
   validation metrics equal the single-process 4-device run's."""
   env = helpers.without_compilation_cache(helpers.device_env(2))
-  env.pop("XLA_FLAGS")
+  env.pop("XLA_FLAGS")  # the launch script sets its own
   env.update(PYTHON=sys.executable, NUM_PROCESSES="2", DEVICES_PER_PROCESS="2",
              XLA_FLAGS_EXTRA=helpers.FAST_XLA_FLAGS,
              LOG_DIR=str(tmp_path / "logs"), TIMEOUT="300")

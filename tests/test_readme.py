@@ -9,9 +9,9 @@ datasets in the released layout, `raw/` holds a tiny raw log for
 as written. What is changed, to keep this test short:
 
 * training (`python -m mmssl_jax.main`) runs in this process (the same flag
-  parsing, config file and `train.train_and_evaluate`) for 1 epoch, with the
-  step compiled with the faster XLA backend options and, for folder configs,
-  batch size 64 (the tiny datasets have a few hundred interactions);
+  parsing, config file and `train.train_and_evaluate`) for 1 epoch, with,
+  for folder configs, batch size 64 (the tiny datasets have a few hundred
+  interactions);
 * `recommend` and `export` run in this process through their `run_cli`;
 * the install command (it creates a virtualenv), `pytest` (this is it) and
   `tensorboard` (a server) are checked instead: shell syntax, that the
@@ -51,7 +51,6 @@ from mmssl_jax import config_lib
 from mmssl_jax import export
 from mmssl_jax import main as main_lib
 from mmssl_jax import recommend
-from mmssl_jax import steps
 from mmssl_jax import train
 from mmssl_jax.data import formats
 from mmssl_jax.data import synthetic
@@ -424,9 +423,7 @@ class Sandbox:
 
 @pytest.fixture(scope="module", name="sandbox")
 def sandbox_fixture(tmp_path_factory):
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(steps, "jax", helpers.JaxWithFastJit())
-    yield Sandbox(tmp_path_factory.mktemp("readme"))
+  return Sandbox(tmp_path_factory.mktemp("readme"))
 
 
 # ----------------------------------------------------------------------------

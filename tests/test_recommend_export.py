@@ -24,18 +24,10 @@ from mmssl_jax import checkpointing
 from mmssl_jax import export
 from mmssl_jax import model as model_lib
 from mmssl_jax import recommend
-from mmssl_jax import steps
 from mmssl_jax import train
 from test_progress import FakeTTY, read_scalars
 
 CLI_TIMEOUT_S = 300
-
-
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " "
-                      + helpers.FAST_XLA_FLAGS).strip()
-  return env
 
 
 def _one_error_line(stderr: str) -> str:
@@ -44,14 +36,6 @@ def _one_error_line(stderr: str) -> str:
   errors = [l for l in lines if l.startswith("error:")]
   assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
   return errors[0]
-
-
-@pytest.fixture(scope="module", name="fast_steps")
-def fast_steps_fixture():
-  """In-process training compiles the step with the faster backend options."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(steps, "jax", helpers.JaxWithFastJit())
-    yield
 
 
 @pytest.fixture(scope="module", name="trained")
@@ -63,7 +47,7 @@ def trained_fixture(tmp_path_factory):
       [sys.executable, "-m", "mmssl_jax.main", "--config=configs/test.py",
        "--config.train.epochs=1", f"--workdir={workdir}"],
       cwd=helpers.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      env=_env(), timeout=CLI_TIMEOUT_S)
+      timeout=CLI_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr.decode()[-3000:]
   return workdir, proc
 
@@ -96,11 +80,10 @@ def test_progress_bar_is_off_when_output_is_piped(trained):
 
 
 @pytest.fixture(scope="module", name="lightgcn_run")
-def lightgcn_run_fixture(fast_steps, tmp_path_factory):
+def lightgcn_run_fixture(tmp_path_factory):
   """configs/test.py:model=lightgcn trained in-process for 1 epoch with
   train.tensorboard=True and a stderr that is a terminal:
   (workdir, what was written to stderr, steps per epoch)."""
-  del fast_steps
   config = helpers.load_config("test", "model=lightgcn")
   config.train.epochs = 1
   config.train.tensorboard = True
@@ -187,7 +170,7 @@ def test_cli_unknown_user_exits_1_with_one_error_line(trained, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "mmssl_jax.recommend", f"--workdir={workdir}",
        "--users=3,17,120", "--k=5"],
-      cwd=helpers.REPO_ROOT, capture_output=True, text=True, env=_env(),
+      cwd=helpers.REPO_ROOT, capture_output=True, text=True,
       timeout=CLI_TIMEOUT_S)
   assert proc.returncode == 1
   assert "unknown user id 120" in _one_error_line(proc.stderr)

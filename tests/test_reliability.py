@@ -2,7 +2,7 @@
 
 In-process runs share one compiled step with tests/test_checkpointing.py
 (`StepHooks`); the CLI tests run `python -m mmssl_jax.main` in subprocesses
-with the fast XLA backend options and a persistent compilation cache so that
+that inherit the session's persistent compilation cache (conftest.py), so
 the resumed process does not compile again.
 """
 
@@ -252,12 +252,10 @@ def _cli(*args, workdir):
 
 
 def _env():
-  """The CLI's environment: fast XLA flags; the session's compilation cache
-  (conftest.py) is inherited, so a rerun loads what the first run compiled."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " "
-                      + helpers.FAST_XLA_FLAGS).strip()
-  return env
+  """The CLI's environment: the session's fast XLA flags and compilation
+  cache (conftest.py) are inherited, so a rerun loads what the first run
+  compiled."""
+  return dict(os.environ)
 
 
 def _assert_one_error_line(stderr, *fragments):

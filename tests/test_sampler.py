@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import helpers
 from mmssl_jax.data import sampler as sampler_lib
 from mmssl_jax.data.dataset import Split
 
@@ -50,7 +49,7 @@ def setup_fixture():
 
 @functools.lru_cache(maxsize=None)
 def _sampler(batch_size, n_items=N_ITEMS):
-  return helpers.fast_jit(functools.partial(sampler_lib.sample_batch,
+  return jax.jit(functools.partial(sampler_lib.sample_batch,
                                    batch_size=batch_size, n_items=n_items))
 
 
@@ -86,7 +85,7 @@ def test_distinct_user_subsets_are_uniform(setup):
   keys = jax.random.split(jax.random.key(1), n)
   sample = functools.partial(sampler_lib.sample_batch, batch_size=5,
                              n_items=N_ITEMS)
-  users = np.asarray(helpers.fast_jit(jax.vmap(
+  users = np.asarray(jax.jit(jax.vmap(
       lambda k: sample(k, tables)[0]))(keys))
   assert all(len(set(row)) == 5 for row in users.tolist())
   counts = np.bincount(users.ravel(), minlength=N_USERS)

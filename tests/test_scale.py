@@ -28,7 +28,6 @@ from mmssl_jax import train
 from mmssl_jax.data import synthetic
 
 N_ITEMS, RANK, HIDDEN = 48, 5, (12, 6)
-fast_jit = helpers.fast_jit  # same programs, cheaper CPU compilation
 
 
 def _lowrank(seed, batch_norm=True):
@@ -106,7 +105,7 @@ def test_lowrank_critic_equals_dense_critic_with_explicit_kernel(paper):
   apply = lambda p, x: critic.dense_critic_apply(p, stats, x, key=key, **kw)
   loss = lambda p, x: jnp.sum(jnp.sin(apply(p, x)[0]))
 
-  @fast_jit
+  @jax.jit
   def everything(p):
     return apply(p, x), jax.grad(loss, (0, 1))(p, x)
 
@@ -139,12 +138,12 @@ def test_lowrank_gradient_penalty_equals_explicit_kernel_and_full_penalty():
     fn = lambda x: critic.dense_critic_apply(p, stats, x, key=k_drop)[0]
     return critic.gradient_penalty(fn, real, fake, key=k_alpha)
 
-  v_lr, g_lr = fast_jit(jax.value_and_grad(
+  v_lr, g_lr = jax.jit(jax.value_and_grad(
       lambda p: shortcut(p, lambda p: p["dense_0"])))(params)
-  v_dense, g_dense = fast_jit(jax.value_and_grad(
+  v_dense, g_dense = jax.jit(jax.value_and_grad(
       lambda p: shortcut(p, lambda p: p["dense_0"]["kernel"])))(
           _as_dense(params))
-  v_full, g_full = fast_jit(jax.value_and_grad(full))(params)
+  v_full, g_full = jax.jit(jax.value_and_grad(full))(params)
   assert v_full > 1.0
   np.testing.assert_allclose(v_lr, v_dense, rtol=2e-5)
   np.testing.assert_allclose(v_lr, v_full, rtol=2e-5)
@@ -198,11 +197,11 @@ def test_interaction_block_is_a_slice_of_the_dense_rows():
 def test_blockwise_topk_equals_topk_of_whole_rows(block_size):
   p, q, _, lists, dense = _problem(1)
   rows = graph_lib.generated_rows(p, q, dense, block_size=0)
-  top = fast_jit(lambda p, q: graph_lib.blockwise_topk(
+  top = jax.jit(lambda p, q: graph_lib.blockwise_topk(
       p, q, lists, block_size=block_size, k=6))(p, q)
   np.testing.assert_array_equal(top, jax.lax.top_k(rows, 6)[1])
   # With k = I every item appears once (masked positives score 0).
-  everything = fast_jit(lambda p, q: graph_lib.blockwise_topk(
+  everything = jax.jit(lambda p, q: graph_lib.blockwise_topk(
       p, q, lists, block_size=block_size, k=I))(p, q)
   np.testing.assert_array_equal(np.sort(everything, axis=1),
                                 np.tile(np.arange(I), (B, 1)))
@@ -254,9 +253,9 @@ def test_fused_real_rows_equal_dense_gumbel_rows(use_gumbel, log_logits,
   fused = lambda f: graph_lib.fused_real_rows(
       key, p, q, lists, f, block_size=block, gumbel_scale=scale, tau=tau,
       ui_pre_scale=100.0, use_gumbel=use_gumbel, log_logits=log_logits)
-  np.testing.assert_allclose(fast_jit(fused)(f), real @ f, rtol=1e-5,
+  np.testing.assert_allclose(jax.jit(fused)(f), real @ f, rtol=1e-5,
                              atol=1e-6)
-  g = fast_jit(jax.grad(lambda f: jnp.sum(jnp.sin(fused(f)))))(f)
+  g = jax.jit(jax.grad(lambda f: jnp.sum(jnp.sin(fused(f)))))(f)
   g_dense = jax.grad(lambda f: jnp.sum(jnp.sin(real @ f)))(f)
   np.testing.assert_allclose(g, g_dense, rtol=1e-4, atol=1e-5)
 
@@ -287,8 +286,8 @@ def test_graph_updates_take_precomputed_topk_items():
   graphs = {m: graph_lib.pad_graph(base, 40, B, I) for m in rows}
   buffer = state_lib.empty_buffer(tuple(rows), 40)
   kw = dict(k=3, period=2, pairing="tiled", n_users=B, n_items=I)
-  reference = fast_jit(functools.partial(steps.reference_graph_update, **kw))
-  persistent = fast_jit(functools.partial(steps.persistent_graph_update, k=3,
+  reference = jax.jit(functools.partial(steps.reference_graph_update, **kw))
+  persistent = jax.jit(functools.partial(steps.persistent_graph_update, k=3,
                                          period=2, n_items=I))
   table = state_lib.empty_table(tuple(rows), B, 3)
   for update, state in ((reference, buffer), (persistent, table)):
@@ -308,8 +307,7 @@ def _one_step(config):
   ds = synthetic.make_synthetic(config.data.synthetic)
   run = train.Run(config, ds)
   state = run.init_state()
-  step = helpers.compile_fast(run.step, state, jnp.int32(0), run.inputs)
-  state, terms = step(state, jnp.int32(0), run.inputs)
+  state, terms = run.step(state, jnp.int32(0), run.inputs)
   return jax.device_get(state), jax.device_get(terms)
 
 
@@ -357,9 +355,7 @@ def test_gram_positives_of_the_batch_or_of_all_users_give_the_same_step():
       assert shapes.batch_positives < shapes.n_train  # the per-batch path
     step = steps.make_mmssl_step(config, shapes)
     state = run.init_state()
-    state, terms = helpers.compile_fast(step, state, jnp.int32(0),
-                                        run.inputs)(state, jnp.int32(0),
-                                                    run.inputs)
+    state, terms = step(state, jnp.int32(0), run.inputs)
     results.append(jax.device_get((state, terms)))
   # The loss terms (critic, d_fake, gen read the projections) agree; the
   # parameters are not compared: Adam's first step moves an entry with a

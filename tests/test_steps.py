@@ -66,9 +66,6 @@ def test_run_fixture():
       records["compiles"].append(kw.get("fun_name"))
 
   with pytest.MonkeyPatch.context() as mp:
-    # Faster XLA backend options for the step's jax.jit (same program, same
-    # jit caching and donation; see helpers.FAST_COMPILE_OPTIONS).
-    mp.setattr(steps, "jax", helpers.JaxWithFastJit())
     mp.setattr(steps, "reference_graph_update", spy_update)
     mp.setattr(steps, "make_optimizer", lambda c: optax.chain(
         _recording(records, "rec_grads"), real_opt(c)))
@@ -258,7 +255,7 @@ def test_initial_forward_equals_forward_over_the_base_graph(test_run):
   run, _ = test_run
   state = run.init_state()
   hp = model_lib.ModelHParams.from_config(run.config.model)
-  fwd = helpers.fast_jit(functools.partial(
+  fwd = jax.jit(functools.partial(
       model_lib.forward, key=jax.random.key(0), train=True, hp=hp))
   inputs = run.inputs
   got = fwd(state.params, inputs.graph, inputs.features,
@@ -400,7 +397,7 @@ def test_t2_schedule_accumulates_and_survives_epoch_boundary(pairing):
       base, mods, max(base.n_edges, cap),
       n_users, n_items)
   buffer = state_lib.empty_buffer(mods, cap)
-  update = helpers.fast_jit(functools.partial(
+  update = jax.jit(functools.partial(
       steps.reference_graph_update, k=k, period=period, pairing=pairing,
       n_users=n_users, n_items=n_items))
   # An epoch of N = 4 batches: ... N-2, N-1 | 0, 1, 2 (lists survive).
@@ -502,7 +499,7 @@ def test_empty_graph_contrastive_loss_is_log_2b_minus_1_with_zero_grad(
                            if x.dtype == jnp.float32 else x, g)
            for m, g in base_graphs.items()}
 
-  @helpers.fast_jit
+  @jax.jit
   def cl_and_grad(params, graphs):
     def loss(p):
       out = model_lib.forward(p, run.inputs.graph, run.inputs.features,
@@ -538,8 +535,7 @@ def test_ablation_builds_and_runs_one_step(arg):
   run = train.Run(config, ds)
   state = run.init_state()
   before = jax.device_get(state.params)
-  step = helpers.compile_fast(run.step, state, jnp.int32(0), run.inputs)
-  state, metrics = step(state, jnp.int32(0), run.inputs)
+  state, metrics = run.step(state, jnp.int32(0), run.inputs)
   metrics = jax.device_get(metrics)
   assert helpers.tree_all_finite(metrics)
   assert helpers.tree_all_finite(state.params)

@@ -1,8 +1,4 @@
-"""End-to-end tests of mmssl_jax.train, the CLI and every config in configs/.
-
-Steps are compiled with faster XLA backend options (`helpers.FAST_COMPILE_
-OPTIONS`: the same program, about 4x less CPU compile time).
-"""
+"""End-to-end tests of mmssl_jax.train, the CLI and every config in configs/."""
 
 import gc
 import json
@@ -18,7 +14,6 @@ import numpy as np
 import pytest
 
 import helpers
-from mmssl_jax import steps
 from mmssl_jax import train
 from mmssl_jax.data import DataError
 from mmssl_jax.data import formats
@@ -77,10 +72,7 @@ def _check_run_files(workdir, epochs_cap):
 # train_and_evaluate
 
 
-def test_train_and_evaluate_writes_metrics_and_never_overwrites(
-    tmp_path, monkeypatch):
-  # The step's jax.jit with faster backend options (same program).
-  monkeypatch.setattr(steps, "jax", helpers.JaxWithFastJit())
+def test_train_and_evaluate_writes_metrics_and_never_overwrites(tmp_path):
   config = helpers.load_config("test")
   workdir = tmp_path / "run"
   result = train.train_and_evaluate(config, str(workdir))
@@ -201,9 +193,7 @@ def test_config_builds_and_runs_one_step(name, folders):
   train.check_config(config, ds)
   run = train.Run(config, ds)
   state = run.init_state()
-  step = helpers.compile_fast_shared(run.step, state, jnp.int32(0),
-                                     run.inputs)
-  state, metrics = step(state, jnp.int32(0), run.inputs)
+  state, metrics = run.step(state, jnp.int32(0), run.inputs)
   metrics = jax.device_get(metrics)
   assert helpers.tree_all_finite(metrics), metrics
   assert helpers.tree_all_finite(state.params)
@@ -251,13 +241,9 @@ def test_cli_bad_data_dir_prints_one_error_line(tmp_path):
 
 def test_cli_end_to_end_on_test_config(tmp_path):
   workdir = tmp_path / "run"
-  # Faster XLA backend options (same program, as in the in-process tests).
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " "
-                      + helpers.FAST_XLA_FLAGS).strip()
   proc = subprocess.run(_cli("--config=configs/test.py", workdir=workdir),
                         cwd=helpers.REPO_ROOT, capture_output=True, text=True,
-                        env=env, timeout=CLI_TIMEOUT_S)
+                        timeout=CLI_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   _check_run_files(workdir, helpers.load_config("test").train.epochs)
