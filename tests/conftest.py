@@ -16,9 +16,9 @@ use it (`helpers.without_compilation_cache`).
 Every program of the session (in the workers and in the processes they
 start) is compiled with helpers.FAST_COMPILE_OPTIONS (XLA backend
 optimisation level 0, no fusion emitters), added to XLA_FLAGS before JAX
-starts its backend: the same HLO, the step of configs/test.py compiles in
-8 s instead of 14 s; on 2 cores (2026-12-03) the suite went from 10:29 to
-8:56-10:12 wall, 19:12 to 17:07 user time.
+starts its backend: the same HLO, about 3x less CPU compile time (see
+helpers.py); on 2 cores (2026-12-03) the suite went from 10:29 to
+7:45-10:12 wall, 19:12 to 17:07 user time.
 Results differ from XLA's default options by float rounding only;
 tests/test_steps.py compares three steps of configs/test.py compiled both
 ways.

@@ -201,10 +201,12 @@ def dense_from_graph_edges(users, items, weights, n_rows, n_cols,
 # Cheap compilation (the whole session: conftest.py)
 
 
-# XLA options that cut the CPU compile time of the MMSSL step about 4x
-# (backend optimisation level 0, no fusion emitters); same HLO, same results
-# up to float rounding. conftest.py adds them to XLA_FLAGS for every program
-# of the test session, child processes included.
+# XLA options that cut the CPU compile time of the MMSSL step about 3x
+# (backend optimisation level 0, no fusion emitters; configs/test.py's step,
+# each in a fresh process on 2 cores, 2026-12-03: 14 s with XLA's defaults,
+# 4-5 s with these); same HLO, same results up to float rounding.
+# conftest.py adds them to XLA_FLAGS for every program of the test session,
+# child processes included.
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
                         "xla_cpu_use_fusion_emitters": False}
 # XLA's own CPU defaults for the same two options (compiling with these gives
@@ -214,6 +216,18 @@ DEFAULT_COMPILE_OPTIONS = {"xla_backend_optimization_level": 2,
                            "xla_cpu_use_fusion_emitters": True}
 FAST_XLA_FLAGS = " ".join(f"--{k}={str(v).lower()}"
                           for k, v in FAST_COMPILE_OPTIONS.items())
+
+
+def state_arrays(state) -> dict[str, np.ndarray]:
+  """Host copies of a train state's leaves, keyed by their path in (params,
+  critic params, critic stats, modality graphs, graph buffer, recommender
+  optimiser state, critic optimiser state): "[0]...", ..., "[6]..."."""
+  host = jax.device_get((state.params, state.critic_params,
+                         state.critic_stats, state.modality_graphs,
+                         state.graph_buffer, state.opt_state,
+                         state.critic_opt_state))
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(host)}
 
 
 def tree_all_finite(tree) -> bool:

@@ -61,12 +61,8 @@ def _worker(out_path: str) -> None:
       assert len(terms["loss"].sharding.device_set) == n
       for k, v in terms.items():
         out[prefix + "terms/" + k] = np.asarray(v)
-      host = jax.device_get(state._replace(rng=None))
-      for path, leaf in jax.tree_util.tree_leaves_with_path(
-          (host.params, host.critic_params, host.critic_stats,
-           host.modality_graphs, host.graph_buffer, host.opt_state,
-           host.critic_opt_state)):
-        out[prefix + "state" + jax.tree_util.keystr(path)] = np.asarray(leaf)
+      for key, leaf in helpers.state_arrays(state).items():
+        out[prefix + "state" + key] = leaf
       if evaluate:
         for k, v in run.evaluate(state, "val").items():
           out[prefix + "val/" + k] = np.asarray(v)

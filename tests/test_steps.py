@@ -145,12 +145,7 @@ def test_default_backend_options_give_the_same_steps_as_the_fast_ones():
       state, t = compiled(state, jnp.int32(idx), run.inputs)
       terms.append(jax.device_get(t))
       if idx == 0:
-        host = jax.device_get(state._replace(rng=None))
-        first = {jax.tree_util.keystr(path): np.asarray(leaf)
-                 for path, leaf in jax.tree_util.tree_leaves_with_path(
-                     (host.params, host.critic_params, host.critic_stats,
-                      host.modality_graphs, host.graph_buffer,
-                      host.opt_state, host.critic_opt_state))}
+        first = helpers.state_arrays(state)
     results.append((terms, first))
   (terms_default, state_default), (terms_fast, state_fast) = results
   for a, b in zip(terms_default, terms_fast):
