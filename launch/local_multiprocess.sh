@@ -4,17 +4,15 @@
 #   # a full training run (2 processes x 2 CPU devices = one 4-device mesh):
 #   launch/local_multiprocess.sh -m mmssl_jax.main --config=configs/test.py \
 #       --config.train.data_parallel=0 --workdir=/tmp/mmssl_mp
-#   # the sharded step alone:
-#   NUM_PROCESSES=2 DEVICES_PER_PROCESS=2 launch/local_multiprocess.sh \
-#       launch/distributed_step.py --config=configs/test.py --steps=1
 #
 # Each process i runs `$PYTHON "$@" --coordinator_address=127.0.0.1:$PORT
 # --num_processes=$NUM_PROCESSES --process_id=$i` with
 # XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS, so the
 # mesh spans NUM_PROCESSES * DEVICES_PER_PROCESS CPU devices; cross-process
 # collectives use gloo (`parallel.initialize_distributed`). A main run equals
-# a one-process run on as many devices (tests/test_multihost.py); process 0
-# writes the workdir's files and log, and re-running the command resumes.
+# a one-process run on as many devices (tests/test_multihost.py runs it
+# through this script); process 0 writes the workdir's files and log, and
+# re-running the command resumes.
 # Output of process i goes to $LOG_DIR/process_i.log; process 0's is printed
 # at the end. SIGTERM/SIGINT to this script are passed on to every process
 # (they agree on a step, checkpoint together and exit 143/130). The script
@@ -34,7 +32,7 @@ GRACE="${GRACE:-30}"
 mkdir -p "$LOG_DIR"
 
 if [[ $# -eq 0 ]]; then
-  sed -n '2,24p' "$0"
+  sed -n '2,22p' "$0"
   exit 2
 fi
 

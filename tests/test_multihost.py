@@ -1,7 +1,8 @@
 """Multi-process training through `python -m mmssl_jax.main` (issue #5).
 
-Two processes x 2 CPU devices, joined by jax.distributed on 127.0.0.1 (gloo
-collectives), train configs/test.py for 2 epochs with
+Two processes x 2 CPU devices, started by launch/local_multiprocess.sh and
+joined by jax.distributed on 127.0.0.1 (gloo collectives), train
+configs/test.py for 2 epochs with
 `train.data_parallel=0` (a 'data' mesh over the 4 devices of both
 processes). The reference is one process with 4 simulated devices, same
 config and seed, run at the same time as the first 2-process launch.
@@ -27,7 +28,9 @@ gets SIGTERM after the 25th step (epoch 1, batch 4 of 21). Checked:
   exits 0 on both processes, leaving metrics.jsonl unchanged;
 * errors reach every process: a config differing from the workdir's run
   (found by process 0) and a mesh that leaves out process 1's devices make
-  both processes print the same one-line error and exit 1.
+  both processes print the same one-line error and exit 1;
+* the launcher exits with its processes' non-zero status (143, 1) and 0
+  when both succeed.
 
 Every process has a timeout, so a deadlock fails the test instead of
 hanging it. No persistent compilation cache
@@ -37,6 +40,7 @@ hanging it. No persistent compilation cache
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,6 +53,7 @@ import helpers
 from mmssl_jax import checkpointing
 
 REPO = helpers.REPO_ROOT
+LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
 STEPS_PER_EPOCH = 21  # configs/test.py (2 epochs): 669 // 32 + 1
 STOP_AFTER = 25  # steps; process 1 alone gets SIGTERM (epoch 1, batch 4)
 RTOL = 1e-5
@@ -85,61 +90,72 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict[str, str]:
-  env = helpers.without_compilation_cache(dict(os.environ))
-  env.update(
-      XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
-                 f"{env.get('XLA_FLAGS', '')}").strip(),
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-  return env
+_STARTED = []  # every process started, stopped at the end of the module
 
 
-_STARTED = []  # every process started, killed at the end of the module
-
-
-def _start(args, env, log_path):
+def _start(command, env, log_path):
   with open(log_path, "w", encoding="utf-8") as log:
-    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
   proc.log_path = log_path
   _STARTED.append(proc)
   return proc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kill_leftovers():
-  yield
-  for proc in _STARTED:
-    if proc.poll() is None:
+def _stop(proc):
+  """TERM first: the launcher passes it on to its processes."""
+  if proc.poll() is None:
+    proc.terminate()
+    try:
+      proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
 
 
-def _wait(procs) -> list[tuple[int, str]]:
-  """(exit status, log) of each process; kills all on a timeout."""
+@pytest.fixture(scope="module", autouse=True)
+def _stop_leftovers():
+  yield
+  for proc in _STARTED:
+    _stop(proc)
+
+
+def _wait(proc) -> tuple[int, str]:
+  """(exit status, log); stops the process on a timeout."""
   try:
-    for p in procs:
-      p.wait(timeout=TIMEOUT_S)
+    proc.wait(timeout=TIMEOUT_S + 60)  # the launcher's own limit comes first
   except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
+    _stop(proc)
     raise
-  out = []
-  for p in procs:
-    with open(p.log_path, encoding="utf-8") as f:
-      out.append((p.returncode, f.read()))
-  return out
+  with open(proc.log_path, encoding="utf-8") as f:
+    return proc.returncode, f.read()
 
 
-def _start_two(workdir, tmp, name, program=("-m", "mmssl_jax.main"),
-               extra=()):
-  port = _free_port()
-  return [_start([*program, *FLAGS, *extra, f"--workdir={workdir}",
-                  f"--coordinator_address=127.0.0.1:{port}",
-                  "--num_processes=2", f"--process_id={i}"],
-                 _env(2), tmp / f"{name}_{i}.log")
-          for i in range(2)]
+def _launch_two(workdir, tmp, name, program=("-m", "mmssl_jax.main"),
+                flags=FLAGS):
+  """`launch/local_multiprocess.sh PROGRAM FLAGS --workdir=WORKDIR`."""
+  env = helpers.without_compilation_cache(dict(os.environ))
+  env.update(PYTHON=sys.executable, NUM_PROCESSES="2", DEVICES_PER_PROCESS="2",
+             PORT=str(_free_port()), XLA_FLAGS_EXTRA=env.pop("XLA_FLAGS", ""),
+             LOG_DIR=str(tmp / f"{name}_logs"), TIMEOUT=str(TIMEOUT_S),
+             PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+  proc = _start(["bash", str(LAUNCHER), *program, *flags,
+                 f"--workdir={workdir}"], env, tmp / f"{name}.log")
+  proc.log_dir = tmp / f"{name}_logs"
+  return proc
+
+
+def _wait_two(launch) -> list[tuple[int, str]]:
+  """(exit status, log) of each process of a launch; the launcher exits with
+  a non-zero status of its processes (the first), or 0."""
+  status, out = _wait(launch)
+  failed = {int(i): int(rc) for i, rc in re.findall(
+      r"^process (\d+) exited with status (\d+);", out, re.M)}
+  results = [(failed.get(i, 0),
+              (launch.log_dir / f"process_{i}.log").read_text("utf-8"))
+             for i in range(2)]
+  assert status in (set(failed.values()) or {0}), out[-3000:]
+  return results
 
 
 def _records(workdir):
@@ -157,15 +173,17 @@ def runs_fixture(tmp_path_factory):
   """The 1-process run; the preempted, resumed and re-run 2-process runs."""
   tmp = tmp_path_factory.mktemp("multihost")
   workdir = tmp / "two"
-  single = _start(["-m", "mmssl_jax.main", *FLAGS,
-                   f"--workdir={tmp / 'single'}"], _env(4), tmp / "single.log")
-  preempted = _wait(_start_two(workdir, tmp, "preempted",
-                               program=("-c", PREEMPT_ONE)))
-  (status, log), = _wait([single])
+  single = _start([sys.executable, "-m", "mmssl_jax.main", *FLAGS,
+                   f"--workdir={tmp / 'single'}"],
+                  helpers.without_compilation_cache(helpers.device_env(4)),
+                  tmp / "single.log")
+  preempted = _wait_two(_launch_two(workdir, tmp, "preempted",
+                                    program=("-c", PREEMPT_ONE)))
+  status, log = _wait(single)
   assert status == 0, log[-3000:]
   records_after_preemption = _records(workdir)
   steps_after_preemption = checkpointing.checkpoint_steps(workdir)
-  resumed = _wait(_start_two(workdir, tmp, "resumed"))
+  resumed = _wait_two(_launch_two(workdir, tmp, "resumed"))
   for i, (status, log) in enumerate(resumed):
     assert status == 0, f"process {i}:\n{log[-3000:]}"
   return dict(tmp=tmp, single=tmp / "single", two=workdir,
@@ -217,7 +235,7 @@ def test_only_process_0_writes(runs):
 def test_rerun_of_a_finished_workdir_returns_the_stored_result(runs):
   workdir, tmp = runs["two"], runs["tmp"]
   before = _records(workdir)
-  results = _wait(_start_two(workdir, tmp, "rerun"))
+  results = _wait_two(_launch_two(workdir, tmp, "rerun"))
   for i, (status, log) in enumerate(results):
     assert status == 0, f"process {i}:\n{log[-3000:]}"
   assert "holds a complete run" in results[0][1]
@@ -229,19 +247,16 @@ def test_errors_stop_every_process_with_the_same_line(runs):
   raised on both), and a mesh that leaves process 1 without devices."""
   workdir, tmp = runs["two"], runs["tmp"]
   before = _records(workdir)
-  port = _free_port()
-  flags = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  mismatch = _start_two(workdir, tmp, "mismatch", extra=["--config.seed=1"])
-  no_mesh = [_start(["-m", "mmssl_jax.main", "--config=configs/test.py",
-                     f"--workdir={tmp / 'no_mesh'}", *flags,
-                     f"--process_id={i}"], _env(2), tmp / f"no_mesh_{i}.log")
-             for i in range(2)]
-  for procs, expected in ((mismatch, "the config differs from the run in "
+  mismatch = _launch_two(workdir, tmp, "mismatch",
+                         flags=[*FLAGS, "--config.seed=1"])
+  no_mesh = _launch_two(tmp / "no_mesh", tmp, "no_mesh",
+                        flags=["--config=configs/test.py"])
+  for launch, expected in ((mismatch, "the config differs from the run in "
                            "this workdir in 1 field(s): seed 2022 -> 1"),
                           (no_mesh, "2 processes need a mesh over all 4 "
                            "devices")):
     errors = []
-    for i, (status, log) in enumerate(_wait(procs)):
+    for i, (status, log) in enumerate(_wait_two(launch)):
       assert status == 1, f"process {i}:\n{log[-3000:]}"
       errors.append([l for l in log.splitlines() if l.startswith("error: ")])
     assert errors[0] == errors[1] and len(errors[0]) == 1, errors
