@@ -13,8 +13,6 @@ tests/test_multihost.py.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import types
 
 import numpy as np
