@@ -134,14 +134,15 @@ def _wait(proc) -> tuple[int, str]:
 def _launch_two(workdir, tmp, name, program=("-m", "mmssl_jax.main"),
                 flags=FLAGS):
   """`launch/local_multiprocess.sh PROGRAM FLAGS --workdir=WORKDIR`."""
+  log_dir = tmp / f"{name}_logs"
   env = helpers.without_compilation_cache(dict(os.environ))
   env.update(PYTHON=sys.executable, NUM_PROCESSES="2", DEVICES_PER_PROCESS="2",
              PORT=str(_free_port()), XLA_FLAGS_EXTRA=env.pop("XLA_FLAGS", ""),
-             LOG_DIR=str(tmp / f"{name}_logs"), TIMEOUT=str(TIMEOUT_S),
+             LOG_DIR=str(log_dir), TIMEOUT=str(TIMEOUT_S),
              PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
   proc = _start(["bash", str(LAUNCHER), *program, *flags,
                  f"--workdir={workdir}"], env, tmp / f"{name}.log")
-  proc.log_dir = tmp / f"{name}_logs"
+  proc.log_dir = log_dir
   return proc
 
 
