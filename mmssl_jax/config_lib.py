@@ -93,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.graph_update.T = 1
   c.graph_update.m_topk_rate = 1e-4  # k = floor(I * m_topk_rate)
   c.graph_update.pairing = "tiled"  # released repeat() bug: users[p mod B]
+  # Which score ranks the top-k refresh: "dot", the generated rows P_b.Q_i
+  # as released (§3.4, §4.4); "cosine", P_b.Q_i / |Q_i|, which removes the
+  # item norm, and with it the sqrt(degree) growth of the one-sided feature
+  # hop H_I = D_I^{-1/2} A^T H_U (§2.3 b), from the ranking.
+  c.graph_update.topk_score = "dot"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"  # 'adamw' (released, decoupled decay) or 'adam'

@@ -336,6 +336,10 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
     raise ValueError(f"unknown loss.adversarial {adversarial!r}")
   if gu.schedule not in ("reference", "persistent"):
     raise ValueError(f"unknown graph_update.schedule {gu.schedule!r}")
+  topk_score = gu.get("topk_score", "dot")
+  if topk_score not in ("dot", "cosine"):
+    raise ValueError(f"graph_update.topk_score={topk_score!r}: expected "
+                     "'dot' or 'cosine'")
   if gu.schedule == "persistent" and k < 1:
     raise ValueError(
         f"graph_update.schedule='persistent' needs k >= 1, but "
@@ -527,7 +531,11 @@ def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
 
     # The top-k refresh reads the second forward's generated rows (§4.4);
     # without whole rows at hand it is computed only where it is used.
-    top = None if rows is not None else top_items_fn(*feats, lists)
+    if topk_score == "cosine":
+      top = top_items_fn(feats[0], {m: losses.l2_normalize(q)
+                                    for m, q in feats[1].items()}, lists)
+    else:
+      top = None if rows is not None else top_items_fn(*feats, lists)
     if gu.schedule == "reference":
       graphs, buffer = reference_graph_update(
           state.modality_graphs, state.graph_buffer, rows, users, batch_idx,

@@ -257,3 +257,57 @@ def test_topk_table_graph_csr_equals_the_argsort_csr(n_users, n_items, k,
   np.testing.assert_allclose(graph_lib.to_items(g, x, n_items), dense.T @ x,
                              rtol=1e-5, atol=1e-6)
   assert np.count_nonzero(dense) == refreshed.sum() * k
+
+
+@pytest.mark.parametrize("critic_kind", ["dense", "lowrank"])
+def test_cosine_topk_score_changes_only_the_table(critic_kind):
+  """graph_update.topk_score='cosine' ranks the refresh by P_b.Q_i / |Q_i|
+  and leaves every parameter update as it is (dense rows and the fused
+  blockwise top-k alike)."""
+  results = {}
+  for score in ("dot", "cosine"):
+    config = _config("variant=paper")
+    config.model.drop_rate = 0.0  # the step's forward equals the eval one
+    config.critic.kind = critic_kind
+    config.train.generator_block = 32 if critic_kind == "lowrank" else 0
+    config.graph_update.topk_score = score
+    ds = train.load_dataset(config.data)
+    run, state, out = _forward_outputs(config, ds)
+    new_state, _ = run.step(state, jnp.int32(0), run.inputs)
+    results[score] = (jax.device_get(new_state), out)
+  (dot_state, out), (cos_state, _) = results["dot"], results["cosine"]
+  # The same updates, up to the rounding of a differently fused program.
+  for a, b in zip(jax.tree.leaves((dot_state.params, dot_state.critic_params)),
+                  jax.tree.leaves((cos_state.params, cos_state.critic_params))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  batch = np.flatnonzero(cos_state.graph_buffer.refreshed)
+  np.testing.assert_array_equal(batch,
+                                np.flatnonzero(dot_state.graph_buffer.refreshed))
+  train_r = np.zeros((ds.n_users, ds.n_items), bool)
+  train_r[ds.train.users, ds.train.items] = True
+  k = steps.topk_k(config, ds.n_items)
+  moved = 0
+  for m in ds.modalities:
+    p = np.asarray(out.feat_user[m], np.float64)[batch]
+    q = np.asarray(out.feat_item[m], np.float64)
+    for name, st, scores in (
+        ("dot", dot_state, p @ q.T),
+        ("cosine", cos_state, p @ (q / np.maximum(
+            np.linalg.norm(q, axis=1, keepdims=True), 1e-12)).T)):
+      scores = np.where(train_r[batch], 0.0, scores)
+      got = np.sort(np.asarray(st.graph_buffer.items[m])[batch], axis=1)
+      want = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+      # float32 near-ties may swap the last item of a row
+      assert (got == want).mean() > 0.98, (m, name)
+    moved += int((np.sort(np.asarray(dot_state.graph_buffer.items[m])[batch], 1)
+                  != np.sort(np.asarray(cos_state.graph_buffer.items[m])[batch],
+                             1)).any(1).sum())
+  assert moved > 0.5 * len(batch)  # item norms do reorder the rows
+
+
+def test_topk_score_rejects_unknown_values():
+  config = _config("variant=paper")
+  config.graph_update.topk_score = "angle"
+  ds = train.load_dataset(config.data)
+  with pytest.raises(ValueError, match="topk_score"):
+    train.Run(config, ds)
