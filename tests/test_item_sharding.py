@@ -12,7 +12,8 @@ script, is the worker) and the tests compare its saved results:
 * the item-indexed state leaves and the features are split over 'item', the
   rest replicated, and the step constrains (B, I) rows to ('data', 'item');
 * the item-sharded evaluator (local top-K per item shard, global merge)
-  returns the unsharded top-K ids exactly, ties included, and the same
+  returns the unsharded top-K ids exactly, ties included, the same scores
+  (bit-identical for integer embeddings, to 1e-6 for floats), and the same
   metrics;
 * n_items not divisible by train.item_parallel is a one-line ConfigError.
 """
@@ -251,15 +252,25 @@ def test_item_indexed_leaves_are_sharded_over_item(results, case):
 @pytest.mark.parametrize("name", ["ties", "float"])
 @pytest.mark.parametrize("mesh", [f"{d}x{i}" for d, i in EVAL_MESHES])
 def test_sharded_evaluator_equals_unsharded(results, name, mesh):
-  """Top-K ids and scores bit-identical (ties included: the integer
-  embeddings give hundreds of equal adjacent scores); the metric means
-  differ only by the order of the float sums over data shards."""
+  """Top-K ids identical (ties included: the integer embeddings give
+  hundreds of equal adjacent scores, all exact in float32). Integer scores
+  are bit-identical; float scores may differ in the last ulp, because the
+  per-shard dot products may be compiled with another summation or FMA
+  order (CI's CPU gave 4.8e-7 absolute on 351 of 800 entries). The metric
+  means differ only by the order of the float sums over data shards."""
   one = _part(results, f"eval/{name}/1x1/")
   many = _part(results, f"eval/{name}/{mesh}/")
+  np.testing.assert_array_equal(many["ids"], one["ids"])
   if name == "ties":
     assert np.sum(one["scores"][:, 1:] == one["scores"][:, :-1]) > 100
-  np.testing.assert_array_equal(many["ids"], one["ids"])
-  np.testing.assert_array_equal(many["scores"], one["scores"])
+    np.testing.assert_array_equal(many["scores"], one["scores"])
+  else:
+    # Ids can stay exact only while adjacent top-K scores are further apart
+    # than twice the rounding tolerance (the smallest gap here is 5.5e-6).
+    gaps = np.abs(np.diff(one["scores"], axis=1))
+    assert gaps.min() > 2e-6, gaps.min()
+    np.testing.assert_allclose(many["scores"], one["scores"], rtol=0,
+                               atol=1e-6)
   metrics = _part(one, "metrics/")
   assert "recall@20" in metrics and metrics["n_users"] > 0
   for k, v in metrics.items():
