@@ -1,0 +1,44 @@
+r"""Writes a run's initial recommender parameters as an npz for `torch_port.py --init_from`.
+
+  python benchmarks/export_init.py --config=configs/tiktok.py \
+      --config.data.dir=../shared/data/tiktok --out=/tmp/jax_init_2022.npz
+
+Keys: user_id, item_id (U, d) / (I, d); w_self_attention_cat (H*d, d); and
+per modality, in the dataset's order, trans<m>_kernel (d_m, d) and
+trans<m>_bias (d,). Prints the modality order as JSON, so that the port is
+given the same order (`--modalities=audio,image`).
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+from mmssl_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=False)
+_OUT = flags.DEFINE_string("out", None, "npz to write", required=True)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  ds = train.load_dataset(config.data)
+  state = train.Run(config, ds).init_state()
+  p = state.params
+  out = {"user_id": np.asarray(p["user_id_embedding"]),
+         "item_id": np.asarray(p["item_id_embedding"]),
+         "w_self_attention_cat": np.asarray(p["w_self_attention_cat"])}
+  for n, m in enumerate(ds.modalities):
+    out[f"trans{n}_kernel"] = np.asarray(p["modality_proj"][m]["kernel"])
+    out[f"trans{n}_bias"] = np.asarray(p["modality_proj"][m]["bias"])
+  np.savez(_OUT.value, **out)
+  print(json.dumps({"out": _OUT.value, "modalities": list(ds.modalities),
+                    "seed": config.seed}))
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
