@@ -4,9 +4,10 @@ r"""Writes a run's initial recommender parameters as an npz for `torch_port.py -
       --config.data.dir=../shared/data/tiktok --out=/tmp/jax_init_2022.npz
 
 Keys: user_id, item_id (U, d) / (I, d); w_self_attention_cat (H*d, d); and
-per modality, in the dataset's order, trans<m>_kernel (d_m, d) and
-trans<m>_bias (d,). Prints the modality order as JSON, so that the port is
-given the same order (`--modalities=audio,image`).
+per modality name, trans_<name>_kernel (d_m, d) and trans_<name>_bias (d,).
+The port matches projections by name, so it keeps the released modality
+order (image, audio) and its dropout draws. `torch_port.py --save_init`
+writes the same keys; `train_from_init.py` trains our step from such a file.
 """
 
 import json
@@ -32,9 +33,9 @@ def main(argv):
   out = {"user_id": np.asarray(p["user_id_embedding"]),
          "item_id": np.asarray(p["item_id_embedding"]),
          "w_self_attention_cat": np.asarray(p["w_self_attention_cat"])}
-  for n, m in enumerate(ds.modalities):
-    out[f"trans{n}_kernel"] = np.asarray(p["modality_proj"][m]["kernel"])
-    out[f"trans{n}_bias"] = np.asarray(p["modality_proj"][m]["bias"])
+  for m in ds.modalities:
+    out[f"trans_{m}_kernel"] = np.asarray(p["modality_proj"][m]["kernel"])
+    out[f"trans_{m}_bias"] = np.asarray(p["modality_proj"][m]["bias"])
   np.savez(_OUT.value, **out)
   print(json.dumps({"out": _OUT.value, "modalities": list(ds.modalities),
                     "seed": config.seed}))

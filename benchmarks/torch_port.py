@@ -4,8 +4,7 @@ Not part of the package and not a dependency of it: it needs `torch`, `numpy`
 and `scipy` in their own environment (the project never installs torch):
 
   python -m venv /tmp/torchenv
-  /tmp/torchenv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
-  /tmp/torchenv/bin/pip install numpy scipy
+  /tmp/torchenv/bin/pip install torch==2.13.0 numpy scipy   # the CPU build
   /tmp/torchenv/bin/python benchmarks/torch_port.py \
       --data=../shared/data/tiktok --dataset=tiktok --epochs=1 --seed=2022
 
@@ -270,6 +269,11 @@ def main(argv=None):
   p.add_argument("--epochs", type=int, default=1)
   p.add_argument("--seed", type=int, default=2022)
   p.add_argument("--init_from", default="", help="npz of initial parameters to load (our JAX init)")
+  p.add_argument("--init_groups", default="ids,wcat,proj",
+                 help="which groups of --init_from to load: ids (user and item ID tables), "
+                      "wcat (w_self_attention_cat), proj (the modality projections)")
+  p.add_argument("--save_init", default="",
+                 help="npz to write the port's own initial parameters to (export_init.py's keys)")
   p.add_argument("--save", default="", help="npz to write the final u*, i* to")
   p.add_argument("--threads", type=int, default=0)
   a = p.parse_args(argv)
@@ -295,8 +299,11 @@ def main(argv=None):
   model = Recommender(n_users, n_items, feats, c)
   critic = Critic(n_items, c)
   critic.apply(critic_init)
+  names = a.modalities.split(",")
+  if a.save_init:
+    save_init(model, names, a.save_init)
   if a.init_from:
-    load_init(model, np.load(a.init_from))
+    load_init(model, names, np.load(a.init_from), a.init_groups.split(","))
   opt_critic = torch.optim.Adam(critic.parameters(), lr=c["D_lr"], betas=(0.5, 0.9))
   opt_rec = torch.optim.AdamW(model.parameters(), lr=c["lr"])
   n_mod = len(feats)
@@ -367,6 +374,7 @@ def main(argv=None):
     val = evaluate(u_star, i_star, list(data.val_set), data.val_set, data.train_items)
     test = evaluate(u_star, i_star, list(data.test_set), data.test_set, data.train_items)
     print(json.dumps({"epoch": epoch, "seed": a.seed, "init_from": a.init_from or None,
+                      "init_groups": a.init_groups if a.init_from else None,
                       "val_recall@20": round(val[0], 5), "val_ndcg@20": round(val[1], 5),
                       "test_recall@20": round(test[0], 5), "test_ndcg@20": round(test[1], 5),
                       "train_s": round(train_s, 1),
@@ -375,15 +383,35 @@ def main(argv=None):
     np.savez(a.save, user=u_star.numpy(), item=i_star.numpy())
 
 
-def load_init(model, z):
-  """Overwrite the port's parameters with an exported init (keys as written by export)."""
+def save_init(model, names, path):
+  """Writes the port's initial parameters with `export_init.py`'s keys (JAX layout)."""
+  out = {"user_id": model.user_id.weight, "item_id": model.item_id.weight,
+         "w_self_attention_cat": model.w_self_attention_cat}
+  for name, lin in zip(names, model.trans):
+    out[f"trans_{name}_kernel"] = lin.weight.T  # torch (d, d_m) -> (d_m, d)
+    out[f"trans_{name}_bias"] = lin.bias
+  np.savez(path, **{k: v.detach().numpy() for k, v in out.items()})
+
+
+def load_init(model, names, z, groups):
+  """Overwrites the port's parameters in `groups` with an exported init.
+
+  Projections are matched by modality name, so the port keeps the released
+  modality order (and its dropout draws) whatever order the init was written in.
+  """
+  unknown = set(groups) - {"ids", "wcat", "proj"}
+  if unknown:
+    sys.exit(f"--init_groups: unknown group(s) {sorted(unknown)}")
   with torch.no_grad():
-    model.user_id.weight.copy_(torch.from_numpy(z["user_id"]))
-    model.item_id.weight.copy_(torch.from_numpy(z["item_id"]))
-    model.w_self_attention_cat.copy_(torch.from_numpy(z["w_self_attention_cat"]))
-    for m, lin in enumerate(model.trans):
-      lin.weight.copy_(torch.from_numpy(z[f"trans{m}_kernel"]).T)
-      lin.bias.copy_(torch.from_numpy(z[f"trans{m}_bias"]))
+    if "ids" in groups:
+      model.user_id.weight.copy_(torch.from_numpy(z["user_id"]))
+      model.item_id.weight.copy_(torch.from_numpy(z["item_id"]))
+    if "wcat" in groups:
+      model.w_self_attention_cat.copy_(torch.from_numpy(z["w_self_attention_cat"]))
+    if "proj" in groups:
+      for name, lin in zip(names, model.trans):
+        lin.weight.copy_(torch.from_numpy(z[f"trans_{name}_kernel"]).T)
+        lin.bias.copy_(torch.from_numpy(z[f"trans_{name}_bias"]))
 
 
 if __name__ == "__main__":
