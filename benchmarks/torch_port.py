@@ -367,18 +367,24 @@ def main(argv=None):
       for name, v in (("total", total), ("bpr", bpr), ("emb", emb), ("feat", feat), ("cl", cl),
                       ("g", g_loss), ("critic", loss_d), ("gp", gp)):
         sums[name] = sums.get(name, 0.0) + float(v)
-    train_s = time.time() - t0
-    model.eval()
-    with torch.no_grad():
-      u_star, i_star, *_ = forward(model, ui, iu, modality_graphs)
-    val = evaluate(u_star, i_star, list(data.val_set), data.val_set, data.train_items)
-    test = evaluate(u_star, i_star, list(data.test_set), data.test_set, data.train_items)
-    print(json.dumps({"epoch": epoch, "seed": a.seed, "init_from": a.init_from or None,
-                      "init_groups": a.init_groups if a.init_from else None,
-                      "val_recall@20": round(val[0], 5), "val_ndcg@20": round(val[1], 5),
-                      "test_recall@20": round(test[0], 5), "test_ndcg@20": round(test[1], 5),
-                      "train_s": round(train_s, 1),
-                      **{f"mean_{k}": round(v / n_batch, 6) for k, v in sums.items()}}), flush=True)
+    report(model, ui, iu, modality_graphs, data, a, epoch, time.time() - t0, sums, n_batch)
+  if a.epochs == 0:  # score the initial parameters (and --save them), e.g. to cross-check §5
+    report(model, ui, iu, modality_graphs, data, a, -1, 0.0, {}, n_batch)
+
+
+def report(model, ui, iu, modality_graphs, data, a, epoch, train_s, sums, n_batch):
+  """Scores eval-mode u*, i* (§5), prints the epoch's JSON line, writes --save."""
+  model.eval()
+  with torch.no_grad():
+    u_star, i_star, *_ = forward(model, ui, iu, modality_graphs)
+  val = evaluate(u_star, i_star, list(data.val_set), data.val_set, data.train_items)
+  test = evaluate(u_star, i_star, list(data.test_set), data.test_set, data.train_items)
+  print(json.dumps({"epoch": epoch, "seed": a.seed, "init_from": a.init_from or None,
+                    "init_groups": a.init_groups if a.init_from else None,
+                    "val_recall@20": round(val[0], 5), "val_ndcg@20": round(val[1], 5),
+                    "test_recall@20": round(test[0], 5), "test_ndcg@20": round(test[1], 5),
+                    "train_s": round(train_s, 1),
+                    **{f"mean_{k}": round(v / n_batch, 6) for k, v in sums.items()}}), flush=True)
   if a.save:
     np.savez(a.save, user=u_star.numpy(), item=i_star.numpy())
 
