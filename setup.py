@@ -25,5 +25,11 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "matplotlib>=3.7", "tensorboardX>=2.6"],
         "plot": ["matplotlib>=3.7"],  # python -m mmssl_jax.plot
         "tensorboard": ["tensorboardX>=2.6"],  # progress.MetricWriter
+        # Accelerators, through JAX's own extras: NVIDIA GPUs with the CUDA 12
+        # wheels (older drivers too) or CUDA 13 (needs a recent driver), and
+        # Cloud TPU VMs.
+        "cuda": ["jax[cuda12]"],
+        "cuda13": ["jax[cuda13]"],
+        "tpu": ["jax[tpu]"],
     },
 )
