@@ -1,4 +1,4 @@
-"""benchmarks/popularity_bias.py: hand-built rankings with known overlap,
+"""experiments/popularity_bias.py: hand-built rankings with known overlap,
 recall and rank correlation."""
 
 import sys
@@ -10,7 +10,7 @@ import pytest
 import helpers
 from mmssl_jax.data.dataset import Dataset, Split
 
-sys.path.insert(0, str(helpers.REPO_ROOT / "benchmarks"))
+sys.path.insert(0, str(helpers.REPO_ROOT / "experiments"))
 import popularity_bias  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

@@ -1,7 +1,7 @@
 r"""Trains our JAX step from an exported initial parameter file: the reverse init swap.
 
-  python benchmarks/train_from_init.py --config=configs/tiktok.py \
-      --config.data.dir=../shared/data/tiktok \
+  python experiments/train_from_init.py --config=configs/tiktok.py \
+      --config.data.dir=PATH/tiktok \
       --init_from=/tmp/torch_init_2022.npz --epochs=1
 
 `--init_from` takes the keys `export_init.py` writes and `torch_port.py

@@ -1,13 +1,15 @@
 r"""Spread of early-epoch metrics over seeds (is a gap seed noise?).
 
-  python benchmarks/seed_spread.py --config=configs/tiktok.py \
-      --config.data.dir=../shared/data/tiktok --seeds=2022,1,7 --epochs=1
+  python experiments/seed_spread.py --config=configs/tiktok.py \
+      --config.data.dir=PATH/tiktok --seeds=2022,1,7 --epochs=1
 
 Trains the config for `--epochs` epochs once per seed (temporary workdirs)
 and prints one JSON line with validation and test Recall@20 / NDCG@20 per
 epoch and seed, and their mean and range.
 """
 
+import os
+import sys
 import tempfile
 
 from absl import app
@@ -19,7 +21,9 @@ import numpy as np
 from mmssl_jax import checkpointing
 from mmssl_jax import train
 
-import results_io  # benchmarks/results_io.py (run as a script)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "..", "benchmarks"))
+import results_io  # noqa: E402  benchmarks/results_io.py
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.")

@@ -5,10 +5,10 @@ and `scipy` in their own environment (the project never installs torch):
 
   python -m venv /tmp/torchenv
   /tmp/torchenv/bin/pip install torch==2.13.0 numpy scipy   # the CPU build
-  /tmp/torchenv/bin/python benchmarks/torch_port.py \
-      --data=../shared/data/tiktok --dataset=tiktok --epochs=1 --seed=2022
+  /tmp/torchenv/bin/python experiments/torch_port.py \
+      --data=PATH/tiktok --dataset=tiktok --epochs=1 --seed=2022
 
-It follows `mmssl_reference.md` §2-§5 (the released code's forward, losses,
+It follows the reference description's §2-§5 (the released code's forward, losses,
 critic, T schedule, sampler and evaluation), written from that description
 and a reading of the released code, with no line of it copied. It is
 written so that every random draw happens in the same order, on the same
@@ -17,10 +17,10 @@ shapes, through the same torch functions as the released code does on CPU
 `nn.Dropout` calls of the two forwards and of the critic, the Gumbel noise,
 the penalty's alpha; Python `random` and `np.random` for the sampler), so
 that with the same seed it should replay the released run draw for draw.
-Its purpose is the question left open in README ("the first epoch under
-randomness"): whether the released code's epoch-0 figures are typical of
-its own seed distribution, and, with `--init_from`, whether our JAX
-initialisation moves them.
+Its purpose is the first epoch under randomness (experiments/README.md):
+whether the released code's epoch-0 figures are typical of its own seed
+distribution, and, with `--init_from`, whether our JAX initialisation moves
+them.
 
 Prints one JSON line per epoch (validation and test Recall@20 and NDCG@20 with
 the reference NDCG of §5, mean loss terms) and can save the final

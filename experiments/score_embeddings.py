@@ -1,9 +1,9 @@
 r"""Scores saved final embeddings with `mmssl_jax.evaluation` (§5), e.g. the port's.
 
-  /tmp/torchenv/bin/python benchmarks/torch_port.py --data=../shared/data/tiktok \
+  /tmp/torchenv/bin/python experiments/torch_port.py --data=PATH/tiktok \
       --epochs=1 --save=/tmp/port_emb.npz
-  python benchmarks/score_embeddings.py --config=configs/tiktok.py \
-      --config.data.dir=../shared/data/tiktok --embeddings=/tmp/port_emb.npz
+  python experiments/score_embeddings.py --config=configs/tiktok.py \
+      --config.data.dir=PATH/tiktok --embeddings=/tmp/port_emb.npz
 
 `--embeddings` holds `user` (U, d) and `item` (I, d). The validation and test
 sets are built as a run of `--config` builds them (training items excluded;

@@ -1,7 +1,7 @@
 r"""Writes a run's initial recommender parameters as an npz for `torch_port.py --init_from`.
 
-  python benchmarks/export_init.py --config=configs/tiktok.py \
-      --config.data.dir=../shared/data/tiktok --out=/tmp/jax_init_2022.npz
+  python experiments/export_init.py --config=configs/tiktok.py \
+      --config.data.dir=PATH/tiktok --out=/tmp/jax_init_2022.npz
 
 Keys: user_id, item_id (U, d) / (I, d); w_self_attention_cat (H*d, d); and
 per modality name, trans_<name>_kernel (d_m, d) and trans_<name>_bias (d,).

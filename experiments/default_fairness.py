@@ -1,12 +1,14 @@
 r"""Is the embedded synthetic dataset a fair test? Popularity vs LightGCN vs MMSSL.
 
-  python benchmarks/default_fairness.py --config=configs/default.py
+  python experiments/default_fairness.py --config=configs/default.py
 
 Trains LightGCN (`model=lightgcn`) and MMSSL on the same generated data and
 ranks by item popularity; prints one JSON line with test metrics at best
 validation and wall-clock seconds of each.
 """
 
+import os
+import sys
 import tempfile
 import time
 
@@ -21,7 +23,9 @@ from mmssl_jax import config_lib
 from mmssl_jax import evaluation
 from mmssl_jax import train
 
-import results_io  # benchmarks/results_io.py (run as a script)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "..", "benchmarks"))
+import results_io  # noqa: E402  benchmarks/results_io.py
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Also write the JSON to this file.")

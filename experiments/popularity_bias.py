@@ -1,8 +1,8 @@
 r"""How popularity-like a trained run's rankings are (the first-epoch audit).
 
   python -m mmssl_jax.export --workdir=RUN --output=RUN_export
-  python benchmarks/popularity_bias.py --export=RUN_export \
-      --data_dir=../shared/data/tiktok
+  python experiments/popularity_bias.py --export=RUN_export \
+      --data_dir=PATH/tiktok
 
 Ranks every item not in a user's training list by the exported scores
 (user_embeddings @ item_embeddings.T; `evaluation.evaluate` and
@@ -18,7 +18,7 @@ validation and test users, prints one JSON line with:
   (over all users) with the training degree (ties get average ranks).
 
 For an MMSSL export (with `feat_user_<m>.npy`), the same for the two parts
-of the final vectors (`mmssl_reference.md` §2.3 g): `id_part` ranks by
+of the final vectors (the reference description's §2.3 g): `id_part` ranks by
 ū·ī, with ū = u* - c Σ_m n(H^m_U) and c the run's `model.model_cat_rate`
 (from the export's manifest; `--model_cat_rate` overrides it), and
 `feature_part` by Σ_m n(H^m_U) · Σ_m n(H^m_I).
