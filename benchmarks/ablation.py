@@ -1,7 +1,7 @@
-r"""Ablation study (issue #4): variants x ablations x seeds, resumable.
+r"""Ablation study: variants x ablations x seeds, resumable.
 
   python benchmarks/ablation.py --config=configs/tiktok.py \
-      --set=data.dir=../shared/data/tiktok --set=critic.kind=lowrank \
+      --set=data.dir=PATH/tiktok --set=critic.kind=lowrank \
       --set=train.epochs=200 --root=runs/ablation \
       --output=benchmarks/results/ablation_tiktok.json
 

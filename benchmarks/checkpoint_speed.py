@@ -1,7 +1,7 @@
 r"""Seconds to save and restore a checkpoint of the full train state, and its size.
 
   python benchmarks/checkpoint_speed.py --config=configs/tiktok.py \
-      --config.data.dir=../shared/data/tiktok
+      --config.data.dir=PATH/tiktok
 
 Builds the run's train state (MMSSL on TikTok: both parameter sets, both
 optimiser states, critic statistics, modality graphs and buffers), then saves

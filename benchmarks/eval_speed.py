@@ -2,8 +2,8 @@
 
 Reads train.json and val.json directly (user id string -> item list), draws
 seeded random 64-d float32 embeddings, builds the evaluation set of the users
-with a validation item (train items excluded, as in section 5 of
-shared/spec/mmssl_reference.md), compiles once and times 5 evaluations.
+with a validation item (train items excluded, as in §5 of the reference
+description), compiles once and times 5 evaluations.
 Prints one JSON line.
 
   python benchmarks/eval_speed.py [--data_dir DIR] [--block_users N]

@@ -1,7 +1,7 @@
 r"""Train (or summarise) one run and write its result as JSON.
 
   python benchmarks/reproduce.py --config=configs/tiktok.py:model=lightgcn \
-      --config.data.dir=../shared/data/tiktok --workdir=runs/tiktok_lightgcn \
+      --config.data.dir=PATH/tiktok --workdir=runs/tiktok_lightgcn \
       --output=benchmarks/results/tiktok_lightgcn.json
 
 Trains with `train_and_evaluate` unless the workdir already holds a finished

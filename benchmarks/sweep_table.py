@@ -3,7 +3,7 @@ r"""Collects a hyper-parameter sweep run as one `ablation.py` study per setting.
   for tau in 0.1 0.5 2.0; do for k in 0.3 1.0 3.0; do
     python benchmarks/ablation.py --config=configs/tiktok.py --variants=paper \
         --ablations=full --seeds=2022 --no_lightgcn \
-        --set=data.dir=../shared/data/tiktok --set=critic.kind=lowrank \
+        --set=data.dir=PATH/tiktok --set=critic.kind=lowrank \
         --set=train.epochs=5 --set=loss.real_data_tau=$tau \
         --set=loss.ui_pre_scale=$k --root=runs/sweep/tau${tau}_k${k} \
         --output=runs/sweep/tau${tau}_k${k}.json

@@ -1,8 +1,8 @@
 """Seeded synthetic item features for timing datasets that have none.
 
-Amazon-Sports and Amazon-Baby in ../shared/data hold interactions only; the
-published MMSSL runs used 4096-d image and 1024-d text features
-(../shared/spec/mmssl_reference.md §1.3). For speed and memory
+The Amazon-Sports and Amazon-Baby dataset folders hold interactions only; the
+published MMSSL runs used 4096-d image and 1024-d text features (the
+reference description, §1.3). For speed and memory
 measurements, `add_synthetic_features` adds N(0, 1) float32 matrices of
 those shapes. They carry no information about the items: accuracy measured
 with them means nothing, and every benchmark that uses them says so in its

@@ -1,19 +1,19 @@
 r"""Seconds per training iteration (after compilation), per epoch, peak RSS.
 
   python benchmarks/train_speed.py --config=configs/tiktok.py \
-      --config.data.dir=../shared/data/tiktok --iters=10
+      --config.data.dir=PATH/tiktok --iters=10
 
 Prints one JSON line. The step is one fused jitted function; to split it, the
 same step is also timed with `loss.adversarial='none'` (no critic update, no
 generator loss): `critic_and_generator_s` is the difference.
 
-A dataset folder without item features (Amazon-Sports in ../shared/data) can
+A dataset folder without item features (such as Amazon-Sports) can
 be timed with seeded N(0, 1) float32 features of given dimensions; the JSON
 then names them under `synthetic_features` (they are not real features, so
 only the timings mean anything):
 
   python benchmarks/train_speed.py --config=configs/sports.py \
-      --config.data.dir=../shared/data/amazon_sports \
+      --config.data.dir=PATH/amazon_sports \
       --synthetic_features=image:4096,text:1024 --full_epoch --nosplit
 
 `--full_epoch` also runs one whole epoch (steps_per_epoch steps, as
