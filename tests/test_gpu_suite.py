@@ -7,10 +7,12 @@
   folder dataset with no features: the JSON names the synthetic features,
   their shapes, a complete epoch, the device fields, and "partial" lines
   come before the final one.
-* `gpu_suite.sh` as a dry run (GPU_SUITE_DRY=1) on tiny tiktok/ and
-  amazon_sports/ folders, with the TikTok folder missing its files so that
-  run fails: its error is a JSON line, and the Sports run (synthetic
-  4096/1024 features, low-rank critic, fused generator) still completes.
+* `gpu_suite.sh --dry-run` on tiny tiktok/ and amazon_sports/ folders,
+  with the TikTok folder missing its files so that run fails: its error is
+  a JSON line, the Sports run (synthetic 4096/1024 features, low-rank
+  critic, fused generator) still completes, the summary is printed and
+  written to gpu_suite.json (machine, jax version, date, one entry per run
+  with its status), and the script exits 1 because a run failed.
 """
 
 from __future__ import annotations
@@ -137,16 +139,19 @@ def test_gpu_suite_dry_run(tmp_path):
   (data / "tiktok").mkdir()  # no files: that run must fail alone
   results = tmp_path / "results"
   env = _env()
-  env.update(GPU_SUITE_DRY="1", GPU_SUITE_DATA=str(data),
+  env.pop("GPU_SUITE_DRY", None)  # --dry-run alone makes it a dry run
+  env.update(GPU_SUITE_DATA=str(data),
              GPU_SUITE_ONLY="tiktok_dense,sports_lowrank_fused",
              PYTHON=sys.executable)
   proc = subprocess.run(
-      ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(results)],
+      ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry-run",
+       str(results)],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
       check=False)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  # The TikTok run failed: exit status 1, after the summary.
+  assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert sorted(p.name for p in results.iterdir()) == [
-      "env.txt", "gpu_suite.jsonl", "gpu_suite.log"]
+      "env.txt", "gpu_suite.json", "gpu_suite.jsonl", "gpu_suite.log"]
   rows = [json.loads(l) for l in
           (results / "gpu_suite.jsonl").read_text().splitlines()]
   assert [r.get("label", r["benchmark"]) for r in rows] == [
@@ -164,4 +169,18 @@ def test_gpu_suite_dry_run(tmp_path):
   # The summary table comes last.
   tail = proc.stdout.splitlines()
   assert any(l.startswith("sports_lowrank_fused") and "187" in l for l in tail)
-  assert any(l.startswith("tiktok_dense") and "error" in l for l in tail)
+  assert any(l.startswith("tiktok_dense") and "failed" in l for l in tail)
+  assert tail[-1] == "FAILED: tiktok_dense"
+  # One JSON object: the machine, jax version, date, one entry per run.
+  summary = json.loads((results / "gpu_suite.json").read_text())
+  assert summary["status"] == "failed"
+  assert summary["failed_runs"] == ["tiktok_dense"]
+  assert summary["dry_run"] is True and summary["jax"] == env_row["jax"]
+  assert summary["date"][:4].isdigit() and "T" in summary["date"]
+  assert summary["machine"]["backend"] == "cpu"
+  assert summary["machine"]["jax_platforms"] == "cpu"
+  assert summary["budget_s"] == 300 and summary["wall_s"] >= 0
+  assert [(r["label"], r["status"]) for r in summary["runs"]] == [
+      ("tiktok_dense", "failed"), ("sports_lowrank_fused", "ok")]
+  assert summary["runs"][0]["rc"] == 1
+  assert summary["runs"][1]["epoch_steps_done"] >= 1
