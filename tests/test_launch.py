@@ -274,10 +274,11 @@ def _gcloud_lines(stdout: str) -> list[list[str]]:
 
 
 def test_tpu_dry_run_prints_commands_with_arguments_intact(tmp_path):
-  _setup_tpu(tmp_path)
+  src = _setup_tpu(tmp_path)
   proc = subprocess.run(
       ["bash", str(TPU), *EXTRA_ARGS], cwd=tmp_path,
-      env=_tpu_env(tmp_path, DRY_RUN="1", SYNC="1", PYTHON="python3"),
+      env=_tpu_env(tmp_path, DRY_RUN="1", SYNC="1", PYTHON="python3",
+                   REPO=str(src)),
       capture_output=True, text=True, timeout=60, check=False)
   assert proc.returncode == 0, proc.stderr
   assert not (tmp_path / "gcloud.jsonl").exists()  # gcloud never called
