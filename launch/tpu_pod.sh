@@ -28,7 +28,7 @@
 # mount).
 #
 # Workers are started detached (`setsid nohup ... &`): closing or losing the
-# ssh session does not stop them. Worker output goes to
+# ssh connection does not stop them. Worker output goes to
 # LOG_DIR/<hostname>.log (appended; LOG_DIR defaults to mmssl_jax_logs in the
 # worker's home, on its local disk) and its process id to
 # LOG_DIR/<hostname>.pid. The launcher waits START_CHECK_S (10) seconds and
