@@ -743,8 +743,9 @@ def speed(res: Results, out_dir: Path) -> list[str]:
   sec.add(*table(header, rows))
   inst = res["scale_rows_readout_2026-12-02.json"]["machine"].get("instance_note")
   if inst:
-    sec.add(f"The measurements dated {res['scale_rows_readout_2026-12-02.json']['date']} "
-            f"ran on {inst}, so they compare machines as well as code.", "")
+    sec.add(f"The rows from `{res.paths['scale_rows_readout_2026-12-02.json']}` "
+            f"ran on {inst}, so rows of different dates compare machines as "
+            "well as code.", "")
   draw_epoch_seconds(bars, out_dir / "figures" / "epoch_seconds.png")
   sec.add("![seconds per epoch](figures/epoch_seconds.png)", "")
   sec.flush()
@@ -829,6 +830,9 @@ def scale(res: Results, out_dir: Path) -> list[str]:
           f"(between neighbouring sizes: "
           f"{', '.join(f'{p:.2f}' for p in pair)}), and peak RSS ∝ "
           f"I^{b_rss:.2f}.", "")
+  inst = d["machine"].get("instance_note")
+  if inst:
+    sec.add(f"The low-rank rows ran on {inst}.", "")
   draw_scale(timed, dense, b_time, b_rss, out_dir / "figures" / "scale.png")
   sec.add("![time and peak RSS against items](figures/scale.png)", "")
   sec.flush()
