@@ -485,9 +485,10 @@ def ablation(res: Results) -> list[str]:
   paper = sec.published("paper_ablation_tiktok")
   sec.add(f"The MMSSL paper's TikTok ablation ({paper['source']}; "
           f"{' + '.join(paper['modalities'])}):", "")
-  sec.add(*table(["model", "R@20", "NDCG@20"],
+  sec.add(*table(["model", "R@20", "NDCG@20", "source"],
                  [[ABLATION_NAMES[a], pub(paper["recall@20"][a]),
-                   pub(paper["ndcg@20"][a])] for a in ABLATIONS]))
+                   pub(paper["ndcg@20"][a]), paper["source"]]
+                  for a in ABLATIONS]))
   sec.flush()
   # Capped studies
   sec.add("### At a fixed epoch budget", "",
@@ -640,7 +641,9 @@ def sweeps(res: Results) -> list[str]:
   rows.append(["item popularity", f4(first["val"]["popularity_recall@20"]),
                f4(first["test"]["popularity_recall@20"]), DASH, DASH,
                f"{first['val_over_test_popularity_recall@20']:.2f}",
-               "(itself)", DASH])
+               "(itself)",
+               sec.command(first["command"],
+                           "paper_corrections_popularity_tiktok.jsonl", first)])
   ref = res["popularity_bias_tiktok_reference.json"]
   for key in sorted(ref["runs"]):
     run = ref["runs"][key]
@@ -673,7 +676,8 @@ def sweeps(res: Results) -> list[str]:
     rows.append([f"**{score}, mean ± std**", "",
                  mean_std([r.val["recall@20"] for r in runs]),
                  mean_std([r.test["recall@20"] for r in runs]),
-                 mean_std([r.test["ndcg@20"] for r in runs]), "", ""])
+                 mean_std([r.test["ndcg@20"] for r in runs]), "",
+                 runs[0].label])
   sec.add("### Ranking the top-k refresh by cosine", "",
           "`graph_update.topk_score=cosine` ranks each batch user's top-k "
           "items by P_b·Q_i/|Q_i| instead of the released dot product; "
