@@ -62,8 +62,9 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from mmssl_jax import checkpointing
 from mmssl_jax import config_lib
+from mmssl_jax import workdir as workdir_lib
+from mmssl_jax import preemption
 
 import results_io  # benchmarks/results_io.py (run as a script)
 
@@ -207,8 +208,8 @@ def combine_args(base: str, arg: str) -> str:
 
 def summarise(workdir: str, final: dict, config) -> dict:
   """Metrics of a finished run from its final result and metrics.jsonl."""
-  records = checkpointing.read_records(
-      os.path.join(workdir, checkpointing.METRICS_FILE))
+  records = workdir_lib.read_records(
+      os.path.join(workdir, workdir_lib.METRICS_FILE))
   epochs = [r for r in records if "epoch" in r and not r.get("final")]
   if final.get("test") is None:
     raise RuntimeError(f"{workdir}: no evaluation ran ({len(epochs)} epochs)")
@@ -386,10 +387,10 @@ def _progress(i: int, total: int, run: dict, message: str) -> None:
 def run_one(run: dict, config, workdir: str) -> dict:
   from mmssl_jax import train  # pylint: disable=g-import-not-at-top
   t0 = time.time()
-  metrics_path = os.path.join(workdir, checkpointing.METRICS_FILE)
-  if any(r.get("final") for r in checkpointing.read_records(metrics_path)):
+  metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+  if any(r.get("final") for r in workdir_lib.read_records(metrics_path)):
     status = "stored"  # finished earlier: summarised, not trained
-  elif checkpointing.checkpoint_steps(workdir):
+  elif workdir_lib.checkpoint_steps(workdir):
     status = "resumed"
   else:
     status = "trained"
@@ -456,7 +457,7 @@ def main(argv):
     _progress(i, len(plan), run, f"starting in {workdir}")
     try:
       record.update(run_one(run, configs[run["name"]], workdir))
-    except checkpointing.Preempted as e:
+    except preemption.Preempted as e:
       _progress(i, len(plan), run, f"stopped: {e}")
       _write(study, last=True)
       sys.exit(e.exit_code)

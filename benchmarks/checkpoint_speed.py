@@ -28,6 +28,7 @@ import numpy as np
 
 from mmssl_jax import checkpointing
 from mmssl_jax import train
+from mmssl_jax import run as run_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -49,8 +50,8 @@ def _meta(step: int) -> checkpointing.CheckpointMeta:
 
 
 def run_benchmark(config, directory: str, repeats: int, n_steps: int):
-  ds = train.load_dataset(config.data)
-  run = train.Run(config, ds)
+  ds = run_lib.load_dataset(config.data)
+  run = run_lib.Run(config, ds)
   state = run.init_state()
   for i in range(n_steps):
     state, _ = run.step(state, jnp.int32(i), run.inputs)

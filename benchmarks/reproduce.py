@@ -20,8 +20,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from mmssl_jax import checkpointing
 from mmssl_jax import train
+from mmssl_jax import workdir as workdir_lib
 
 import results_io  # benchmarks/results_io.py (run as a script)
 
@@ -36,8 +36,8 @@ KEYS = ("recall@20", "precision@20", "ndcg@20", "ndcg_mmssl@20", "recall@10",
 
 
 def summarise(workdir: str) -> dict:
-  records = checkpointing.read_records(
-      os.path.join(workdir, checkpointing.METRICS_FILE))
+  records = workdir_lib.read_records(
+      os.path.join(workdir, workdir_lib.METRICS_FILE))
   epochs = [r for r in records if "epoch" in r and not r.get("final")]
   final = next((r for r in records if r.get("final")), None)
   best = max((r for r in epochs if "val/recall@20" in r),
@@ -66,8 +66,8 @@ def main(argv):
   workdir = FLAGS.workdir
   # A finished workdir is only summarised (even if written by an older
   # version whose config.json lacks newer fields).
-  records = checkpointing.read_records(
-      os.path.join(workdir, checkpointing.METRICS_FILE))
+  records = workdir_lib.read_records(
+      os.path.join(workdir, workdir_lib.METRICS_FILE))
   if not any(r.get("final") for r in records):
     train.train_and_evaluate(FLAGS.config, workdir)
   out = {"benchmark": "reproduce", "workdir": workdir,

@@ -109,14 +109,13 @@ def run_one(kind: str, n_items: int) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
+  from mmssl_jax import run as run_lib
   from mmssl_jax import state as state_lib
-  from mmssl_jax import steps
-  from mmssl_jax import train
 
   t0 = time.perf_counter()
   ds = synthetic_catalogue(n_items)
   config = config_for(kind)
-  run = train.Run(config, ds)
+  run = run_lib.Run(config, ds)
   sizes = {"n_items": n_items, "n_users": ds.n_users,
            "n_train": len(ds.train)}
   # As `train.train_and_evaluate`: the host dataset is freed once `Run`
@@ -144,7 +143,7 @@ def run_one(kind: str, n_items: int) -> dict:
       "benchmark": "scale", "config": kind, **sizes,
       "batch_size": config.train.batch_size,
       "generator_block": config.train.generator_block,
-      "fused": steps.uses_fused_generator(config),
+      "fused": run.step_config.fused,
       "critic_params": state_lib.count_params(state.critic_params),
       "recommender_params": state_lib.count_params(state.params),
       "setup_s": round(setup_s, 2), "compile_s": round(compile_s, 2),

@@ -17,7 +17,7 @@ only the timings mean anything):
       --synthetic_features=image:4096,text:1024 --full_epoch --nosplit
 
 `--full_epoch` also runs one whole epoch (steps_per_epoch steps, as
-`train.Run.train_epoch` does) and reports its wall time as `epoch_s`;
+`run_lib.Run.train_epoch` does) and reports its wall time as `epoch_s`;
 `--max_epoch_s` (or `--deadline_s`, counted from the script's start) stops
 it early (`epoch_complete: false`, `epoch_s` then extrapolated from the
 steps done). `device_peak_gib` is the device
@@ -35,8 +35,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from mmssl_jax import steps
-from mmssl_jax import train
+from mmssl_jax import run as run_lib
 
 import results_io  # benchmarks/results_io.py (run as a script)
 from synthetic_features import add_synthetic_features
@@ -127,7 +126,7 @@ def time_step(config, ds, iters, full_epoch=False, max_epoch_s=0.0,
   after the timed iterations and after the epoch.
   """
   t0 = time.perf_counter()
-  run = train.Run(config, ds)
+  run = run_lib.Run(config, ds)
   state = run.init_state()
   jax.block_until_ready(state)
   setup_s = time.perf_counter() - t0
@@ -142,7 +141,8 @@ def time_step(config, ds, iters, full_epoch=False, max_epoch_s=0.0,
     jax.block_until_ready(terms)
     times.append(time.perf_counter() - t0)
   times.sort()
-  out = dict(setup_s=setup_s, compile_s=compile_s,
+  out = dict(fused_generator=run.step_config.fused,
+             setup_s=setup_s, compile_s=compile_s,
              iter_s_median=times[len(times) // 2], iter_s_min=times[0],
              iters=iters, steps_per_epoch=run.steps_per_epoch)
   if progress:
@@ -162,7 +162,7 @@ def time_step(config, ds, iters, full_epoch=False, max_epoch_s=0.0,
 def main(argv):
   del argv
   config = FLAGS.config
-  ds = train.load_dataset(config.data)
+  ds = run_lib.load_dataset(config.data)
   out = {"benchmark": "train_speed"}
   if FLAGS.label:
     out["label"] = FLAGS.label
@@ -177,9 +177,8 @@ def main(argv):
       out["replaced_real_features"] = replaced
   out.update({"dataset": ds.name,
               "model": config.model.name, "variant": config.variant,
-              "critic_kind": config.critic.get("kind", "dense"),
+              "critic_kind": config.critic.kind,
               "generator_block": config.train.generator_block,
-              "fused_generator": steps.uses_fused_generator(config),
               "n_users": ds.n_users, "n_items": ds.n_items,
               "n_train": len(ds.train),
               "modalities": list(ds.modalities),

@@ -22,6 +22,7 @@ import numpy as np
 from mmssl_jax import config_lib
 from mmssl_jax import evaluation
 from mmssl_jax import train
+from mmssl_jax import run as run_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "benchmarks"))
@@ -47,7 +48,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  ds = train.load_dataset(config.data)
+  ds = run_lib.load_dataset(config.data)
   out = {"benchmark": "default_fairness", "dataset": ds.summary()}
   pop = popularity(ds, config)
   out["popularity"] = {k: pop[k] for k in KEYS}

@@ -18,7 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
-from mmssl_jax import train
+from mmssl_jax import run as run_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=False)
 _OUT = flags.DEFINE_string("out", None, "npz to write", required=True)
@@ -27,8 +27,8 @@ _OUT = flags.DEFINE_string("out", None, "npz to write", required=True)
 def main(argv):
   del argv
   config = _CONFIG.value
-  ds = train.load_dataset(config.data)
-  state = train.Run(config, ds).init_state()
+  ds = run_lib.load_dataset(config.data)
+  state = run_lib.Run(config, ds).init_state()
   p = state.params
   out = {"user_id": np.asarray(p["user_id_embedding"]),
          "item_id": np.asarray(p["item_id_embedding"]),

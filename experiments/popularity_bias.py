@@ -36,7 +36,7 @@ import scipy.stats
 
 from mmssl_jax import config_lib
 from mmssl_jax import evaluation
-from mmssl_jax import train
+from mmssl_jax import run as run_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("export", None, "Folder written by mmssl_jax.export.")
@@ -121,7 +121,7 @@ def main(argv):
   config = config_lib.base_config()
   config.data.source = "folder"
   config.data.dir = FLAGS.data_dir
-  ds = train.load_dataset(config.data)
+  ds = run_lib.load_dataset(config.data)
   user = np.load(os.path.join(FLAGS.export, "user_embeddings.npy"))
   item = np.load(os.path.join(FLAGS.export, "item_embeddings.npy"))
   out = {"benchmark": "popularity_bias", "export": FLAGS.export,

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from mmssl_jax import evaluation
-from mmssl_jax import train
+from mmssl_jax import run as run_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=False)
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "npz with user, item", required=True)
@@ -31,7 +31,7 @@ _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "npz with user, item", req
 def main(argv):
   del argv
   config = _CONFIG.value
-  ds = train.load_dataset(config.data)
+  ds = run_lib.load_dataset(config.data)
   z = np.load(_EMBEDDINGS.value)
   user, item = z["user"], z["item"]
   if user.shape[0] != ds.n_users or item.shape[0] != ds.n_items:

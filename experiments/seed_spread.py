@@ -18,8 +18,8 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
-from mmssl_jax import checkpointing
 from mmssl_jax import train
+from mmssl_jax import workdir as workdir_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "..", "benchmarks"))
@@ -44,7 +44,7 @@ def main(argv):
       config.eval.patience = FLAGS.epochs  # never stop early here
     with tempfile.TemporaryDirectory() as workdir:
       train.train_and_evaluate(config, workdir)
-      records = checkpointing.read_records(f"{workdir}/metrics.jsonl")
+      records = workdir_lib.read_records(f"{workdir}/metrics.jsonl")
     runs[seed] = [{k: r[k] for k in ("epoch", "val/recall@20", "val/ndcg@20",
                                       "test/recall@20", "test/ndcg@20")
                    if k in r} for r in records if not r.get("final")]

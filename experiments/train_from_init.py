@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from mmssl_jax import train
+from mmssl_jax import run as run_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=False)
 _INIT_FROM = flags.DEFINE_string("init_from", None, "npz of initial parameters", required=True)
@@ -52,10 +52,10 @@ def load_params(params, path: str, modalities):
 def main(argv):
   del argv
   config = _CONFIG.value
-  ds = train.load_dataset(config.data)
-  train.check_config(config, ds)
+  ds = run_lib.load_dataset(config.data)
+  run_lib.check_config(config, ds)
   modalities = list(ds.modalities)
-  run = train.Run(config, ds)
+  run = run_lib.Run(config, ds)
   del ds
   state = run.init_state()
   state = state._replace(params=load_params(state.params, _INIT_FROM.value, modalities))

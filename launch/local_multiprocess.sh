@@ -9,7 +9,7 @@
 # --num_processes=$NUM_PROCESSES --process_id=$i` with
 # XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS, so the
 # mesh spans NUM_PROCESSES * DEVICES_PER_PROCESS CPU devices; cross-process
-# collectives use gloo (`parallel.initialize_distributed`). A main run equals
+# collectives use gloo (`multihost.initialize`). A main run equals
 # a one-process run on as many devices (tests/test_multihost.py runs it
 # through this script); process 0 writes the workdir's files and log, and
 # re-running the command resumes.

@@ -1,6 +1,6 @@
 """The released MMSSL critic ("Discriminator") and the WGAN-GP gradient penalty.
 
-Section 3.5 of `shared/spec/mmssl_reference.md`. The critic is an MLP over a
+docs/reference.md §3.5. The critic is an MLP over a
 whole generated or "real" user row of I item scores:
 
   Linear(I -> I/4) -> LeakyReLU -> BatchNorm -> Dropout(0.31)
@@ -27,6 +27,7 @@ structure of params['dense_0'] ('kernel', or 'u' and 'v').
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -38,6 +39,43 @@ from mmssl_jax import noise
 
 Params = dict[str, dict[str, chex.Array]]
 BatchStats = dict[str, dict[str, chex.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticHParams:
+  """Static (hashable) settings of a critic call (`critic.*` in the config).
+
+  negative_slope: LeakyReLU slope (1.0 = identity, the reference).
+  batch_norm: BatchNorm after each hidden activation.
+  dropout: one rate per hidden layer.
+  output_scale: multiplier of the sigmoid output.
+  sigmoid_output: output output_scale * sigmoid(z) if True, else raw z.
+  train: batch statistics (and running-stat updates) and dropout if True;
+    running statistics and no dropout if False. The reference critic is
+    always in train mode, including the penalty and generator passes.
+
+  The defaults are the reference critic; the paper variant's is
+  negative_slope=0.2, batch_norm=False, sigmoid_output=False, train=False.
+  """
+
+  negative_slope: float = 1.0
+  batch_norm: bool = True
+  dropout: tuple[float, ...] = (0.31, 0.5)
+  output_scale: float = 100.0
+  sigmoid_output: bool = True
+  train: bool = True
+
+  @classmethod
+  def from_config(cls, critic_config) -> "CriticHParams":
+    return cls(negative_slope=float(critic_config.negative_slope),
+               batch_norm=bool(critic_config.batch_norm),
+               dropout=tuple(float(r) for r in critic_config.dropout),
+               output_scale=float(critic_config.output_scale),
+               sigmoid_output=bool(critic_config.sigmoid_output),
+               train=bool(critic_config.train_mode))
+
+
+REFERENCE = CriticHParams()
 
 # torch.nn.BatchNorm1d defaults, used by the reference critic.
 _BN_EPS = 1e-5
@@ -192,45 +230,29 @@ def dense_critic_apply(
     x: chex.Array,
     *,
     key: Optional[chex.PRNGKey] = None,
-    negative_slope: float = 1.0,
-    batch_norm: bool = True,
-    dropout: Sequence[float] = (0.31, 0.5),
-    output_scale: float = 100.0,
-    sigmoid_output: bool = True,
-    train: bool = True,
+    hp: CriticHParams = REFERENCE,
 ) -> tuple[chex.Array, BatchStats]:
-  """Critic scores of N rows, section 3.5.
+  """Critic scores of N rows, §3.5.
 
   Per hidden layer: Linear -> LeakyReLU(negative_slope) -> BatchNorm ->
-  Dropout, then a final Linear to one unit and output_scale * sigmoid. The
-  reference is the defaults with train=True (always: batch statistics and
-  dropout in every call, including the penalty and generator passes). The
-  'paper' critic is negative_slope=0.2, batch_norm=False, sigmoid_output=False,
-  train=False.
+  Dropout, then a final Linear to one unit and output_scale * sigmoid
+  (`CriticHParams` has the switches; its defaults are the reference).
 
   Args:
-    params: from `init_dense_critic`.
+    params: from `init_dense_critic` (or `init_lowrank_critic`).
     batch_stats: from `init_critic_batch_stats` (may be {} without BatchNorm).
     x: (N, I) rows; cast to float32 like the reference (which builds them in
       float64).
-    key: PRNG key for dropout; required when train and a rate is positive.
-    negative_slope: LeakyReLU slope (1.0 = identity, the reference).
-    batch_norm: apply BatchNorm after each hidden activation.
-    dropout: one rate per hidden layer.
-    output_scale: multiplier of the sigmoid output.
-    sigmoid_output: output output_scale * sigmoid(z) if True, else raw z.
-    train: batch statistics (and running-stat updates) and dropout if True;
-      running statistics and no dropout if False.
+    key: PRNG key for dropout; required when hp.train and a rate is positive.
+    hp: the critic's settings.
 
   Returns:
     (scores of shape (N,), new batch stats). The stats are unchanged unless
-    train and batch_norm.
+    hp.train and hp.batch_norm.
   """
   chex.assert_rank(x, 2)
-  return critic_head(
-      params, batch_stats, first_layer(params, x), key=key,
-      negative_slope=negative_slope, batch_norm=batch_norm, dropout=dropout,
-      output_scale=output_scale, sigmoid_output=sigmoid_output, train=train)
+  return critic_head(params, batch_stats, first_layer(params, x), key=key,
+                     hp=hp)
 
 
 def first_layer(params: Mapping[str, Mapping[str, chex.Array]],
@@ -284,18 +306,14 @@ def critic_head(
     h: chex.Array,
     *,
     key: Optional[chex.PRNGKey] = None,
-    negative_slope: float = 1.0,
-    batch_norm: bool = True,
-    dropout: Sequence[float] = (0.31, 0.5),
-    output_scale: float = 100.0,
-    sigmoid_output: bool = True,
-    train: bool = True,
+    hp: CriticHParams = REFERENCE,
 ) -> tuple[chex.Array, BatchStats]:
   """The critic after its first Linear: `dense_critic_apply` = head(first).
 
   Takes the (N, h_1) pre-activations of `first_layer`; arguments as in
   `dense_critic_apply`.
   """
+  dropout, train = hp.dropout, hp.train
   n_hidden = len(dropout)
   if f"dense_{n_hidden}" not in params or f"dense_{n_hidden + 1}" in params:
     raise ValueError(
@@ -303,7 +321,7 @@ def critic_head(
         f"critic params {sorted(params)}")
   if train and any(rate > 0 for rate in dropout) and key is None:
     raise ValueError("dense_critic_apply needs a dropout key when train=True")
-  if train and batch_norm and h.shape[0] < 2:
+  if train and hp.batch_norm and h.shape[0] < 2:
     raise ValueError("BatchNorm in train mode needs more than one row "
                      f"(got {h.shape[0]}), as in torch")
   new_stats = dict(batch_stats)
@@ -311,8 +329,8 @@ def critic_head(
     if layer > 0:
       dense = params[f"dense_{layer}"]
       h = h @ dense["kernel"] + dense["bias"]
-    h = jax.nn.leaky_relu(h, negative_slope)
-    if batch_norm:
+    h = jax.nn.leaky_relu(h, hp.negative_slope)
+    if hp.batch_norm:
       name = f"bn_{layer}"
       h, new_stats[name] = _batch_norm(h, params[name], batch_stats[name],
                                        train)
@@ -320,7 +338,7 @@ def critic_head(
       h = noise.dropout(jax.random.fold_in(key, layer), h, rate)
   out = params[f"dense_{n_hidden}"]
   z = (h @ out["kernel"] + out["bias"])[:, 0]
-  scores = output_scale * jax.nn.sigmoid(z) if sigmoid_output else z
+  scores = hp.output_scale * jax.nn.sigmoid(z) if hp.sigmoid_output else z
   return scores, new_stats
 
 

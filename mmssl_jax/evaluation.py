@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from mmssl_jax.data.dataset import Split
+from mmssl_jax.data.dataset import Split, pad_lists
 
 METRICS = ("recall", "precision", "hit", "ndcg", "ndcg_mmssl")
 # Mesh axis names of `parallel.make_mesh`.
@@ -74,15 +74,6 @@ class EvalSet(NamedTuple):
   targets: np.ndarray
   exclude: np.ndarray
   n_users: np.ndarray
-
-
-def _pad_lists(lists: Sequence[np.ndarray]) -> np.ndarray:
-  """Stacks 1-D int arrays into an int32 matrix padded with -1 (width >= 1)."""
-  width = max([1] + [len(x) for x in lists])
-  out = np.full((len(lists), width), -1, np.int32)
-  for row, items in enumerate(lists):
-    out[row, :len(items)] = items
-  return out
 
 
 def build_eval_set(*, target: Split, exclude: Sequence[Split], n_users: int,
@@ -125,9 +116,9 @@ def build_eval_set(*, target: Split, exclude: Sequence[Split], n_users: int,
   valid = np.arange(padded) < n_eval
   users_padded = np.zeros(padded, np.int32)
   users_padded[:n_eval] = users
-  targets = _pad_lists([target_lists[u] for u in users] +
+  targets = pad_lists([target_lists[u] for u in users] +
                        [none] * (padded - n_eval))
-  excl = _pad_lists([exclude_lists[u] for u in users] +
+  excl = pad_lists([exclude_lists[u] for u in users] +
                     [none] * (padded - n_eval))
   return EvalSet(
       users=users_padded.reshape(n_blocks, block),

@@ -2,7 +2,7 @@ r"""Exports a trained run's representations as .npy files plus a manifest.
 
   python -m mmssl_jax.export --workdir=runs/tiktok --output=runs/tiktok_export
 
-Loads the best-validation checkpoint (`checkpointing.restore_run`;
+Loads the best-validation checkpoint (`restore.restore_run`;
 `--checkpoint=latest|STEP` for another) and writes into `--output`, a new or
 empty folder:
 
@@ -45,6 +45,7 @@ import numpy as np
 
 from mmssl_jax import model as model_lib
 from mmssl_jax.data import print_error
+from mmssl_jax.data.dataset import check_output_folder
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -116,8 +117,8 @@ def build_manifest(restored, arrays: dict[str, np.ndarray],
       "dim": int(arrays["user_embeddings"].shape[1]),
       "modalities": modalities,
       "model": {"name": config.model.name,
-                "variant": config.get("variant", ""),
-                "ablation": config.get("ablation", ""),
+                "variant": config.variant,
+                "ablation": config.ablation,
                 # u* = ū + c Σ_m n(H^m_U) (§2.3 g): what splits an export's
                 # vectors into their ID and feature parts.
                 **({"model_cat_rate": float(config.model.model_cat_rate)}
@@ -135,11 +136,8 @@ def build_manifest(restored, arrays: dict[str, np.ndarray],
 
 
 def check_output_dir(output: str) -> None:
-  """Raises ExportError unless `output` is absent or an empty folder."""
-  if os.path.lexists(output) and (not os.path.isdir(output)
-                                  or os.listdir(output)):
-    raise ExportError(f"--output={output}: exists and is not an empty folder; "
-                      "refusing to overwrite it")
+  """Raises unless `output` is absent or an empty folder in an existing one."""
+  check_output_folder(output)
   parent = os.path.dirname(os.path.abspath(output))
   if not os.path.isdir(parent):
     raise ExportError(f"--output={output}: folder {parent} does not exist")
@@ -148,7 +146,7 @@ def check_output_dir(output: str) -> None:
 def export(restored, output: str, *, workdir: str) -> dict[str, Any]:
   """Writes the arrays and manifest.json into `output`; returns the manifest.
 
-  Raises ExportError if `output` exists and is not an empty folder.
+  Raises DataError if `output` exists and is not an empty folder.
   """
   check_output_dir(output)
   arrays = representations(restored)
@@ -190,24 +188,22 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
 def main(argv: Sequence[str], f: dict[str, flags.FlagHolder]) -> int:
   if len(argv) > 1:
     return print_error(f"unexpected arguments: {' '.join(argv[1:])}")
-  from mmssl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from mmssl_jax import recommend  # pylint: disable=g-import-not-at-top
-  from mmssl_jax import train  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import restore  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from mmssl_jax.data import DataError  # pylint: disable=g-import-not-at-top
   workdir, output = f["workdir"].value, f["output"].value
-  quiet = recommend.quiet_orbax_warnings()
   try:
     check_output_dir(output)  # before the (slow) restore
     which = recommend.parse_checkpoint(f["checkpoint"].value)
-    restored = checkpointing.restore_run(workdir, which=which,
-                                         data_dir=f["data_dir"].value)
+    restored = restore.restore_run(workdir, which=which,
+                                   data_dir=f["data_dir"].value)
     manifest = export(restored, output, workdir=workdir)
-  except (ExportError, recommend.UserError, DataError, train.ConfigError,
-          checkpointing.ConfigMismatchError, FileNotFoundError,
+  except (ExportError, recommend.UserError, DataError, run_lib.ConfigError,
+          workdir_lib.ConfigMismatchError, FileNotFoundError,
           FileExistsError, OSError, ValueError) as e:
     return print_error(e)
-  finally:
-    quiet.close()
   for name, info in manifest["files"].items():
     shape = tuple(info["shape"])
     print(f"{os.path.join(output, name)}  {info['dtype']}{shape}")

@@ -118,6 +118,12 @@ def feature_l2(*, user_feats: Sequence[chex.Array],
   return decay * 0.5 * sq / n_items
 
 
+def standard_gumbel(xi: chex.Array) -> chex.Array:
+  """Standard Gumbel noise from U[0, 1) draws, as the released code: g =
+  -log(-log(xi + 1e-8) + 1e-8) (docs/reference.md §3.5)."""
+  return -jnp.log(-jnp.log(xi + _LOG_EPS) + _LOG_EPS)
+
+
 def gumbel_logits(*, interactions: chex.Array, gumbel: chex.Array,
                   counts: chex.Array, gumbel_scale: float, tau: float,
                   log_logits: bool) -> chex.Array:
@@ -190,7 +196,7 @@ def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
   counts = jnp.sum(interactions, axis=-1, keepdims=True)
   if use_gumbel:
     xi = noise.uniform(key, interactions.shape, dtype=model_rows.dtype)
-    gumbel = -jnp.log(-jnp.log(xi + _LOG_EPS) + _LOG_EPS)
+    gumbel = standard_gumbel(xi)
     observed = jax.nn.softmax(
         gumbel_logits(interactions=interactions, gumbel=gumbel, counts=counts,
                       gumbel_scale=gumbel_scale, tau=tau,

@@ -1,39 +1,17 @@
 r"""Train and evaluate MMSSL (or the LightGCN baseline) from a config file.
 
   python -m mmssl_jax.main --config=configs/default.py --workdir=/tmp/mmssl
-  python -m mmssl_jax.main --config=configs/tiktok.py:variant=wo_cl \
-      --config.data.dir=../shared/data/tiktok --workdir=/tmp/tiktok_wo_cl
-
-Kept short on purpose: the logic lives in `mmssl_jax.train` and
-`mmssl_jax.checkpointing`.
+  python -m mmssl_jax.main --config=configs/tiktok.py:ablation=wo_cl \
+      --config.data.dir=PATH/tiktok --workdir=/tmp/tiktok_wo_cl
 
 Re-running the same command with the same --workdir resumes from the latest
-checkpoint (bit-identical on CPU); a workdir holding a complete run prints
-its stored result and exits 0 without training again.
-
-Exit status and messages (one line `error: ...` on stderr, no traceback):
-  0    trained to the end (or the workdir already held the complete run).
-  1    bad input data (DataError, naming the file), a config that cannot run,
-       a workdir holding a different run (the differing config fields are
-       listed), a non-finite loss (NaN guard: the term and the step), or an
-       OS error such as an unwritable workdir.
-  143  stopped by SIGTERM (130: SIGINT) after saving a checkpoint at the next
-       step boundary; run the same command again to resume.
-
-Multi-process (multi-host) runs: every process runs the same command with
-`--config.train.data_parallel=0` (a 'data' mesh over every device of every
-process) and either `--distributed` (jax.distributed auto-detects TPU pods
-and SLURM) or `--coordinator_address=HOST:PORT --num_processes=N
---process_id=I`; `launch/` has the launchers. The result equals a
-single-process run on as many devices; process 0 writes the workdir's files
-and log, checkpoints are written collectively, so --workdir must be on a file
-system every process sees (`mmssl_jax.multihost`, tests/test_multihost.py).
-Every process exits with the same status.
-
-`--config.train.deterministic=True` adds `--xla_gpu_deterministic_ops=true`
-to XLA_FLAGS before JAX initialises its backend, which makes GPU scatter-adds
-(and so whole runs) reproducible at some speed cost; CPU runs are
-deterministic without it (see `mmssl_jax.checkpointing`).
+checkpoint; a workdir holding a complete run prints its stored result and
+exits 0. Exit status: 0 done; 1 bad data, config or workdir, a non-finite
+loss, or an OS error (one line `error: ...`, no traceback); 143 (130)
+stopped by SIGTERM (SIGINT) after saving a checkpoint; 2 a bad flag.
+Multi-process runs: every process runs the same command with
+`--config.train.data_parallel=0` and `--distributed` or the coordinator
+flags (`launch/`, `mmssl_jax.multihost`).
 """
 
 import os
@@ -44,8 +22,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mmssl_jax import checkpointing
+from mmssl_jax import multihost
+from mmssl_jax import preemption
+from mmssl_jax import run as run_lib
 from mmssl_jax import train
+from mmssl_jax import workdir as workdir_lib
 from mmssl_jax.data import DataError, print_error
 
 FLAGS = flags.FLAGS
@@ -53,7 +34,7 @@ flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl "
                     "and checkpoints.")
 config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument "
-    "(configs/tiktok.py:variant=wo_cl).", lock_config=True)
+    "(configs/tiktok.py:ablation=wo_cl).", lock_config=True)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
                   "(auto-detects TPU pods and SLURM).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for "
@@ -64,24 +45,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
 # One-line `error: ...` and exit status 1 for these (never a traceback).
-USER_ERRORS = (DataError, train.ConfigError, checkpointing.ConfigMismatchError,
-               FloatingPointError, OSError)
+USER_ERRORS = (DataError, run_lib.ConfigError,
+               workdir_lib.ConfigMismatchError, FloatingPointError, OSError)
 
 
-def set_deterministic_xla_flags(environ=os.environ) -> bool:
-  """Adds DETERMINISTIC_XLA_FLAG to XLA_FLAGS; True if the flag can work.
-
-  XLA reads XLA_FLAGS once, when JAX initialises its backend (the first
-  computation), so this must run before any JAX computation.
-  """
+def set_deterministic_xla_flags(environ=os.environ) -> None:
+  """Adds DETERMINISTIC_XLA_FLAG to XLA_FLAGS, which XLA reads when JAX
+  starts its backend: `main` calls it before any JAX computation."""
   current = environ.get("XLA_FLAGS", "")
   if "xla_gpu_deterministic_ops" not in current:
     environ["XLA_FLAGS"] = f"{current} {DETERMINISTIC_XLA_FLAG}".strip()
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    return not xla_bridge.backends_are_initialized()
-  except (ImportError, AttributeError):
-    return True
 
 
 def _fail(message: str, status: int) -> None:
@@ -89,43 +62,22 @@ def _fail(message: str, status: int) -> None:
   sys.exit(status)
 
 
-def _check_multiprocess_mesh(config) -> None:
-  """Every process must own devices of the mesh (else it has no part in the
-  sharded step): the mesh must span all devices of the job."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
-  try:
-    size = parallel.make_mesh(config).size
-  except ValueError as e:
-    _fail(str(e), 1)
-  if size != jax.device_count():
-    _fail(f"{jax.process_count()} processes need a mesh over all "
-          f"{jax.device_count()} devices, this config's has {size}: pass "
-          "--config.train.data_parallel=0 (all devices)", 1)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
   config = FLAGS.config
-  if config.train.get("deterministic", False):
-    if not set_deterministic_xla_flags():
-      logging.warning("JAX was initialised before XLA_FLAGS was set: "
-                      "train.deterministic has no effect")
+  if config.train.deterministic:
+    set_deterministic_xla_flags()
   if FLAGS.distributed or FLAGS.coordinator_address:
-    from mmssl_jax import multihost  # pylint: disable=g-import-not-at-top
-    from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
-    parallel.initialize_distributed(FLAGS.coordinator_address,
-                                    FLAGS.num_processes, FLAGS.process_id)
-    if multihost.process_count() > 1:
-      _check_multiprocess_mesh(config)
-      if not multihost.is_primary():
-        # Process 0 writes the log; the others print warnings and errors.
-        logging.set_verbosity(logging.WARNING)
+    try:
+      multihost.initialize(config, FLAGS.coordinator_address,
+                           FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as e:
+      _fail(str(e), 1)
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
-  except checkpointing.Preempted as e:
+  except preemption.Preempted as e:
     _fail(str(e), e.exit_code)
   except USER_ERRORS as e:
     _fail(str(e), 1)

@@ -20,7 +20,7 @@ collective; so:
 With one process every helper is a plain local call (no JAX collective).
 The collectives are `jax.experimental.multihost_utils.broadcast_one_to_all`
 and `process_allgather`, which run on any backend `jax.distributed` joins
-(CPU processes need gloo collectives: `parallel.initialize_distributed`).
+(CPU processes need gloo collectives: `initialize`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Sequence, TypeVar
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+
+from mmssl_jax import parallel
 
 T = TypeVar("T")
 
@@ -108,3 +111,40 @@ def agree_signal(signum: int | None) -> int | None:
       np.int32(signum or 0))).reshape(-1)
   received = [int(s) for s in gathered if s]
   return received[0] if received else None
+
+
+def initialize(config, coordinator_address: str | None = None,
+               num_processes: int | None = None,
+               process_id: int | None = None, *,
+               cpu_collectives: str = "gloo") -> None:
+  """Joins the job (`jax.distributed.initialize`) before any other JAX call.
+
+  With no coordinator the cluster is auto-detected (TPU pods, SLURM, ...);
+  on one machine pass 127.0.0.1:PORT, the number of processes and this
+  process's id (launch/local_multiprocess.sh). CPU processes need a
+  collectives implementation for cross-process all-reduces ('gloo'). With
+  several processes, every process must own devices of the config's mesh
+  (else it has no part in the sharded step), so the mesh must span all
+  devices of the job; the processes other than 0 then log only warnings
+  and errors.
+
+  Raises:
+    ValueError: the config's mesh does not span the job's devices.
+  """
+  if cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  kwargs = {}
+  if coordinator_address:
+    kwargs = dict(coordinator_address=coordinator_address,
+                  num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(**kwargs)
+  if process_count() == 1:
+    return
+  size = parallel.make_mesh(config).size
+  if size != jax.device_count():
+    raise ValueError(
+        f"{jax.process_count()} processes need a mesh over all "
+        f"{jax.device_count()} devices, this config's has {size}: pass "
+        "--config.train.data_parallel=0 (all devices)")
+  if not is_primary():
+    logging.set_verbosity(logging.WARNING)

@@ -3,7 +3,7 @@
 A 2-D mesh ('data', 'item') of shape (train.data_parallel,
 train.item_parallel) over the devices of all processes (`jax.make_mesh`).
 
-Data axis (issue #5 item 2, first half). Inside the step the sampled batch
+Data axis. Inside the step the sampled batch
 (users, positives, negatives), its generated / real rows and the critic's
 first-layer outputs are constrained to be split over 'data'
 (`jax.lax.with_sharding_constraint`), so the O(B * I * d) generator and
@@ -11,7 +11,7 @@ critic work is divided between devices and XLA inserts the all-reduces of
 the batch means and of the gradients. The full-graph forward (O(nnz * d))
 runs replicated. Evaluation splits each block of users over 'data'.
 
-Item axis (issue #5 item 2, second half; opt-in, train.item_parallel > 1).
+Item axis (opt-in, train.item_parallel > 1).
 The item-indexed arrays are split over 'item' on their first axis:
 `item_id_embedding` and its optimiser moments, the raw modality features,
 the critic's I-sized first-layer factor (the low-rank 'u' (I, r) or the
@@ -41,18 +41,17 @@ process builds the same host data and state from the same seed, and
 array; each keeps its own shards). Step outputs (loss terms) are
 replicated, so each process can read them.
 
-Typical use (what `train.Run` needs):
-
-  mesh = parallel.make_mesh(config)
-  parallel.shard_run(run, mesh)   # run.step / init_state / evaluate sharded
+`run.Run(config, ds, mesh)` builds a run's step, state and evaluation on a
+mesh from these pieces (`run_mesh(config)` is the mesh of a config, None for
+one device).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -61,10 +60,21 @@ from jax.sharding import PartitionSpec as P
 from mmssl_jax import evaluation
 from mmssl_jax import graph as graph_lib
 from mmssl_jax import state as state_lib
-from mmssl_jax import steps
 
 DATA = "data"
 ITEM = "item"
+
+
+def is_sharded(config: ml_collections.ConfigDict) -> bool:
+  """Whether a config runs on a device mesh (data or item parallelism)."""
+  return (int(config.train.data_parallel) != 1
+          or int(config.train.item_parallel) != 1)
+
+
+def run_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
+  """The mesh a config trains on: `make_mesh(config)`, or None for one
+  device (`is_sharded` false)."""
+  return make_mesh(config) if is_sharded(config) else None
 
 
 def make_mesh(config: ml_collections.ConfigDict | None = None, *,
@@ -84,9 +94,9 @@ def make_mesh(config: ml_collections.ConfigDict | None = None, *,
   """
   devices = list(jax.devices() if devices is None else devices)
   if n_devices is None:
-    n_devices = int(config.train.get("data_parallel", 1)) if config else 0
+    n_devices = int(config.train.data_parallel) if config else 0
   if item_devices is None:
-    item_devices = int(config.train.get("item_parallel", 1)) if config else 1
+    item_devices = int(config.train.item_parallel) if config else 1
   if item_devices < 1:
     raise ValueError(f"item_parallel={item_devices} must be >= 1")
   if n_devices == 0:
@@ -121,34 +131,49 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
-def batch_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
-  """x -> x constrained to `batch_sharding` (for `steps.make_*_step`)."""
-  return constraint(batch_sharding(mesh))
-
-
 def item_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (item) axis split over 'item', the other axes replicated."""
   return NamedSharding(mesh, P(ITEM))
 
 
-def rows_sharding(mesh: Mesh) -> NamedSharding:
-  """(batch, item) arrays: rows over 'data', columns over 'item'."""
-  return NamedSharding(mesh, P(DATA, ITEM))
+@dataclasses.dataclass(frozen=True)
+class StepSharding:
+  """Where a train step's batch and (B, I) arrays live on a device mesh.
 
+  With a mesh, every array whose leading axis is the batch (sampled users,
+  positives, negatives, their rows and first-layer outputs) is constrained
+  to be split over 'data'; with `split_items` every (B, I) row array
+  (interactions, generated, model and real rows) over ('data', 'item') and
+  the fused generator's stacked item blocks (n_blocks, block_size, ...)
+  over (None, 'item'), so every step of its block scan is item-parallel.
+  Without a mesh nothing is constrained. Static and hashable: part of
+  `steps.StepConfig`.
+  """
 
-def blocks_sharding(mesh: Mesh) -> NamedSharding:
-  """Stacked item blocks (n_blocks, block_size, ...): each block's items
-  over 'item', so every step of the block scan is item-parallel."""
-  return NamedSharding(mesh, P(None, ITEM))
+  mesh: Mesh | None = None
+  split_items: bool = False
 
+  @classmethod
+  def of(cls, mesh: Mesh | None) -> "StepSharding":
+    return cls(mesh, mesh is not None and item_size(mesh) > 1)
 
-def constraint(sharding: NamedSharding) -> Callable[[jax.Array], jax.Array]:
-  return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+  def _constrain(self, x, spec):
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
+  def batch(self, x):
+    return x if self.mesh is None else self._constrain(x, P(DATA))
 
-def _is_key(x) -> bool:
-  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype,
-                                                     jax.dtypes.prng_key)
+  def rows(self, x):
+    return self._constrain(x, P(DATA, ITEM)) if self.split_items else (
+        self.batch(x))
+
+  def block_kwargs(self) -> dict[str, Callable | None]:
+    """The fused generator's constraints (`generator.blockwise_topk`): the
+    (B, block) score blocks and the stacked item blocks, or none."""
+    if not self.split_items:
+      return dict(row_constraint=None, block_constraint=None)
+    return dict(row_constraint=self.rows,
+                block_constraint=lambda x: self._constrain(x, P(None, ITEM)))
 
 
 def put_global(tree: Any, sharding: NamedSharding | Any) -> Any:
@@ -164,7 +189,7 @@ def put_global(tree: Any, sharding: NamedSharding | Any) -> Any:
     shardings = sharding
 
   def put(x, s):
-    if _is_key(x):
+    if state_lib.is_prng_key(x):
       impl = jax.random.key_impl(x)
       return jax.random.wrap_key_data(put(jax.random.key_data(x), s),
                                       impl=impl)
@@ -184,10 +209,10 @@ def host_local(tree: Any) -> Any:
       if not x.is_fully_replicated:
         raise ValueError("host_local needs replicated arrays")
       x = x.addressable_data(0)
-    if _is_key(x):
+    if state_lib.is_prng_key(x):
       return x
     return np.asarray(x)
-  return jax.tree.map(get, tree, is_leaf=_is_key)
+  return jax.tree.map(get, tree, is_leaf=state_lib.is_prng_key)
 
 
 def strip_csr_inputs(inputs: state_lib.StepInputs) -> state_lib.StepInputs:
@@ -214,7 +239,7 @@ def check_items(config: ml_collections.ConfigDict, n_items: int,
     raise ValueError(f"train.item_parallel={n} does not divide the "
                      f"{n_items} items of the dataset (n_items must be a "
                      "multiple of item_parallel)")
-  block = int(config.train.get("generator_block", 0))
+  block = int(config.train.generator_block)
   if n > 1 and block > 0 and block < n_items and block % n:
     raise ValueError(f"train.generator_block={block} is not a multiple of "
                      f"train.item_parallel={n}")
@@ -273,41 +298,6 @@ def inputs_shardings(inputs: state_lib.StepInputs,
   return shardings
 
 
-def make_sharded_step(config: ml_collections.ConfigDict, shapes: steps.Shapes,
-                      mesh: Mesh, *, state_shardings: Any = None,
-                      input_shardings: Any = None) -> Callable:
-  """`step(state, batch_idx, inputs) -> (state, metrics)` over `mesh`.
-
-  One `jax.jit` with explicit in/out shardings: the state's from
-  `state_shardings` (required for an item axis > 1; default replicated),
-  the inputs' from `inputs_shardings` (without CSR fields; default
-  replicated), metrics replicated; the state donated. The batch is split
-  over 'data' and the (B, I) rows over ('data', 'item') inside (module
-  docstring).
-  """
-  check_batch(config, mesh)
-  check_items(config, shapes.n_items, mesh)
-  split_items = item_size(mesh) > 1
-  if split_items and state_shardings is None:
-    raise ValueError("make_sharded_step needs state_shardings on a mesh with "
-                     "an item axis (parallel.state_shardings)")
-  kwargs = {"batch_constraint": batch_constraint(mesh), "jit": False}
-  if config.model.name == "mmssl":
-    make = steps.make_mmssl_step
-    if split_items:
-      kwargs.update(rows_constraint=constraint(rows_sharding(mesh)),
-                    blocks_constraint=constraint(blocks_sharding(mesh)))
-  else:
-    # LightGCN has no (B, I) arrays: only its embeddings are item-sharded.
-    make = steps.make_lightgcn_step
-  fn = make(config, shapes, **kwargs)
-  rep = replicated(mesh)
-  state_s = rep if state_shardings is None else state_shardings
-  input_s = rep if input_shardings is None else input_shardings
-  return steps.jit_step(fn, in_shardings=(state_s, rep, input_s),
-                        out_shardings=(state_s, rep))
-
-
 def shard_eval_set(eval_set: evaluation.EvalSet,
                    mesh: Mesh) -> evaluation.EvalSet:
   """Each block of evaluated users split over 'data' (n_users replicated).
@@ -326,63 +316,3 @@ def shard_eval_set(eval_set: evaluation.EvalSet,
       targets=put_global(eval_set.targets, split),
       exclude=put_global(eval_set.exclude, split),
       n_users=put_global(eval_set.n_users, replicated(mesh)))
-
-
-def shard_run(run, mesh: Mesh):
-  """Turns a `train.Run` into a sharded one over `mesh`, in place.
-
-  Replaces its step (`make_sharded_step`), its inputs (CSR fields dropped,
-  global arrays, features item-sharded), `init_state` (modality graphs
-  without CSR, item-indexed leaves item-sharded) and its evaluation sets
-  (users split over 'data'); with an item axis, `run.evaluate` ranks with
-  the item-sharded evaluator. The final embeddings run under jit on the
-  mesh. Raises ValueError (train turns it into a ConfigError) for sizes the
-  mesh cannot split. Returns `run`.
-  """
-  check_items(run.config, run.shapes.n_items, mesh)
-  run.mesh = mesh
-  inputs = strip_csr_inputs(host_local(run.inputs))
-  input_s = inputs_shardings(inputs, mesh)
-  run.inputs = put_global(inputs, input_s)
-  base_init = type(run).init_state
-  abstract = jax.eval_shape(lambda: strip_csr_state(base_init(run)))
-  state_s = state_shardings(abstract, mesh, run.shapes.n_items)
-  run.state_shardings = state_s
-  run.step = make_sharded_step(run.config, run.shapes, mesh,
-                               state_shardings=state_s,
-                               input_shardings=input_s)
-
-  def init_state():
-    return put_global(strip_csr_state(base_init(run)), state_s)
-
-  run.init_state = init_state
-  run.val_set = shard_eval_set(run.val_set, mesh)
-  run.test_set = shard_eval_set(run.test_set, mesh)
-  if item_size(mesh) > 1:
-    def evaluate(state, split: str) -> dict[str, float]:
-      user, item = run.final_embeddings(state)
-      eval_set = run.val_set if split == "val" else run.test_set
-      return evaluation.evaluate(user, item, eval_set,
-                                 ks=run.config.eval.ks, mesh=mesh)
-    run.evaluate = evaluate
-  return run
-
-
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None, *,
-                           cpu_collectives: str = "gloo") -> None:
-  """`jax.distributed.initialize`, before any other JAX call of the process.
-
-  With no arguments the cluster is auto-detected (TPU pods, SLURM, ...);
-  on one machine pass 127.0.0.1:PORT, the number of processes and this
-  process's id (launch/local_multiprocess.sh). CPU processes need a
-  collectives implementation for cross-process all-reduces ('gloo').
-  """
-  if cpu_collectives:
-    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-  kwargs = {}
-  if coordinator_address:
-    kwargs = dict(coordinator_address=coordinator_address,
-                  num_processes=num_processes, process_id=process_id)
-  jax.distributed.initialize(**kwargs)

@@ -6,10 +6,10 @@ r"""Top-K recommendations from a trained workdir's best checkpoint.
   python -m mmssl_jax.recommend --workdir=runs/tiktok --all-users \
       --output=recommendations.csv
 
-The run is rebuilt from the workdir (`checkpointing.restore_run`: config.json,
+The run is rebuilt from the workdir (`restore.restore_run`: config.json,
 the dataset, the best-validation checkpoint, or `--checkpoint=latest|STEP`);
 the final user and item representations are computed once in eval mode
-(`train.Run.final_embeddings`, no dropout), and every user's items are ranked
+(`run.Run.final_embeddings`, no dropout), and every user's items are ranked
 by the dot product score(u, i) = <u*, i*>, the score training and evaluation
 rank by. A user's training items are never recommended (validation and test
 items are: they are unseen by the model). Among equal scores the lower item id
@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmssl_jax.data import print_error
+from mmssl_jax.data.dataset import pad_lists
 
 FORMATS = ("table", "csv", "json")
 EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "json",
@@ -110,15 +111,6 @@ def check_k(k: int, n_items: int) -> int:
   return int(k)
 
 
-def _pad_rows(lists: Sequence[np.ndarray]) -> np.ndarray:
-  """Rows of item ids padded with -1 into an int32 matrix (width >= 1)."""
-  width = max([1] + [len(x) for x in lists])
-  out = np.full((len(lists), width), -1, np.int32)
-  for row, items in enumerate(lists):
-    out[row, :len(items)] = items
-  return out
-
-
 class Recommender:
   """The scores of a restored run, with its final embeddings computed once.
 
@@ -136,7 +128,7 @@ class Recommender:
     self.block_users = int(block_users)
     self.user_emb, self.item_emb = restored.run.final_embeddings(
         restored.state)
-    self.exclude = _pad_rows([np.unique(x) for x in
+    self.exclude = pad_lists([np.unique(x) for x in
                               ds.train.user_lists(ds.n_users)])
 
   def blocks(self, users: Sequence[int], k: int
@@ -181,10 +173,10 @@ class Recommender:
 def recommend(restored, users: Sequence[int], k: int, *,
               block_users: int = DEFAULT_BLOCK_USERS
               ) -> tuple[np.ndarray, np.ndarray]:
-  """Top-k unseen items of `users` for a `checkpointing.RestoredRun`.
+  """Top-k unseen items of `users` for a `restore.RestoredRun`.
 
   Args:
-    restored: from `checkpointing.restore_best(workdir)` (or `restore_run`).
+    restored: from `restore.restore_best(workdir)` (or `restore_run`).
     users: user ids in [0, n_users).
     k: items per user, in [1, n_items].
     block_users: users scored at a time.
@@ -323,7 +315,7 @@ def parse_checkpoint(value: str) -> str | int:
 def define_run_flags(flag_values: flags.FlagValues
                      ) -> dict[str, flags.FlagHolder]:
   """--workdir, --data_dir and --checkpoint: which trained run to load
-  (`checkpointing.restore_run`), shared by `recommend` and `export`."""
+  (`restore.restore_run`), shared by `recommend` and `export`."""
   fv = flag_values
   return {
       "workdir": flags.DEFINE_string(
@@ -371,27 +363,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
   return f
 
 
-class quiet_orbax_warnings:  # pylint: disable=invalid-name
-  """Drops orbax's INFO/WARNING log records until `close()`.
-
-  Opening a checkpoint folder read-only makes orbax warn that it is read-only;
-  the CLIs' stderr keeps only real problems (and their one `error:` line).
-  """
-
-  def __init__(self):
-    self._logger = logging.get_absl_logger()
-    self._logger.addFilter(self._filter)
-
-  @staticmethod
-  def _filter(record) -> bool:
-    return not ("orbax" in (record.pathname or "")
-                and record.levelno < std_logging.ERROR)
-
-  def close(self) -> None:
-    self._logger.removeFilter(self._filter)
-
-
-
 def _requested_users(f) -> list[int] | None:
   """The ids of --users/--users-file (None for --all-users)."""
   given = [n for n in ("users", "users_file") if f[n].value is not None]
@@ -423,12 +394,12 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder], *,
   if len(argv) > 1:
     return print_error(f"unexpected arguments: {' '.join(argv[1:])}")
   stdout = sys.stdout if stdout is None else stdout
-  from mmssl_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from mmssl_jax import train  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import restore  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import workdir  # pylint: disable=g-import-not-at-top
   from mmssl_jax.data import DataError  # pylint: disable=g-import-not-at-top
   output = f["output"].value
   out = None
-  quiet = quiet_orbax_warnings()
   try:
     users = _requested_users(f)
     fmt = resolve_format(f["format"].value, output)
@@ -442,8 +413,8 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder], *,
       raise UserError(f"--block_users={f['block_users'].value}: must be >= 1")
     if output is not None and os.path.lexists(output):  # before the restore
       raise UserError(f"--output={output}: exists; refusing to overwrite it")
-    restored = checkpointing.restore_run(f["workdir"].value, which=which,
-                                         data_dir=f["data_dir"].value)
+    restored = restore.restore_run(f["workdir"].value, which=which,
+                                   data_dir=f["data_dir"].value)
     rec = Recommender(restored, block_users=f["block_users"].value)
     if users is None:
       users = range(rec.n_users)
@@ -462,12 +433,11 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder], *,
       devnull = os.open(os.devnull, os.O_WRONLY)
       os.dup2(devnull, sys.stdout.fileno())  # no second error at exit
     return 0
-  except (UserError, DataError, train.ConfigError,
-          checkpointing.ConfigMismatchError, FileNotFoundError,
+  except (UserError, DataError, run_lib.ConfigError,
+          workdir.ConfigMismatchError, FileNotFoundError,
           FileExistsError, OSError, ValueError) as e:
     return print_error(e)
   finally:
-    quiet.close()
     if out is not None:
       out.discard()
   return 0

@@ -12,36 +12,25 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mmssl_jax import graph as graph_lib
+from mmssl_jax import modality_graphs
 from mmssl_jax.data import sampler as sampler_lib
 
 
-class GraphBuffer(NamedTuple):
-  """Accumulated (user, item) top-k pairs per modality (§4.4 lists x, y).
-
-  users/items: modality -> (capacity,) int32; length: pairs used so far.
-  """
-
-  users: dict[str, jax.Array]
-  items: dict[str, jax.Array]
-  length: jax.Array
-
-
-class TopkTable(NamedTuple):
-  """Persistent per-user modality graphs (the 'persistent' schedule).
-
-  items: modality -> (n_users, k) int32, the top-k items of each user's
-    latest generated row; refreshed: (n_users,) bool, rows written so far.
-  """
-
-  items: dict[str, jax.Array]
-  refreshed: jax.Array
-
-
 class TrainState(NamedTuple):
+  """The whole state of a run between two steps (what a checkpoint holds).
+
+  step: () int32, steps done. rng: the typed PRNG key of the next step.
+  params, opt_state: the recommender's parameters (`model.init_params`) and
+    optimiser state. critic_params, critic_opt_state, critic_stats: the
+    critic's (`critic.init_critic`), its optimiser state and BatchNorm
+    running statistics (None without a critic).
+  modality_graphs: modality -> G^m (`modality_graphs`).
+  graph_buffer: the schedule's `GraphBuffer` or `TopkTable`.
+  """
+
   step: jax.Array
   rng: jax.Array
   params: Any
@@ -50,7 +39,7 @@ class TrainState(NamedTuple):
   critic_opt_state: Any
   critic_stats: Any
   modality_graphs: dict[str, graph_lib.BipartiteGraph]
-  graph_buffer: GraphBuffer | TopkTable | None
+  graph_buffer: modality_graphs.GraphBuffer | modality_graphs.TopkTable | None
 
 
 class StepInputs(NamedTuple):
@@ -67,16 +56,10 @@ class StepInputs(NamedTuple):
   sampler: sampler_lib.SamplerTables
 
 
-def empty_buffer(modalities, capacity: int) -> GraphBuffer:
-  zeros = lambda: jnp.zeros((capacity,), jnp.int32)
-  return GraphBuffer({m: zeros() for m in modalities},
-                     {m: zeros() for m in modalities},
-                     jnp.zeros((), jnp.int32))
-
-
-def empty_table(modalities, n_users: int, k: int) -> TopkTable:
-  return TopkTable({m: jnp.zeros((n_users, k), jnp.int32) for m in modalities},
-                   jnp.zeros((n_users,), bool))
+def is_prng_key(x) -> bool:
+  """Whether `x` is a typed PRNG key array (saved and moved as key data)."""
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key)
 
 
 def count_params(tree) -> int:

@@ -1,17 +1,27 @@
-"""Jitted train steps: MMSSL's two-player iteration and the LightGCN baseline.
+"""The train steps: MMSSL's critic, recommender and modality-graph updates.
 
-`make_mmssl_step` builds one function per run that does, in the released order
-(`mmssl_reference.md` §4.3): sample a batch; a no-gradient forward; the critic
-(D) update with Adam; a second forward with a fresh dropout key; the
-recommender update with AdamW; and the modality-graph bookkeeping (§4.4). The
-step is compiled once: shapes are static, the batch index within the epoch is
-a traced argument, the state is donated.
+One MMSSL iteration (docs/reference.md §4.3) is three pure, jittable pieces,
+composed by `train_step` in the released order:
+
+1. `critic_step`: the critic (D) update with Adam, on the batch's generated
+   rows and "real" rows from a forward without gradient (§4.3.2, §3.5).
+2. `recommender_step`: a second forward with a fresh dropout key and the
+   recommender update with AdamW on BPR, the L2 terms, the contrastive loss
+   and the generator loss (§4.3.3, §3.7).
+3. `modality_graph_step`: the top-k refresh of the modality graphs G^m
+   (§4.4, `mmssl_jax.modality_graphs`).
+
+`lightgcn_step` is the LightGCN baseline on the same state and inputs.
+Every piece takes a `StepConfig` (static and hashable: jit it with
+`static_argnames="cfg"`); `make_step` returns the run's step, jitted once with
+the state donated. Shapes are static and the batch index within the epoch is
+traced, so a run compiles its step once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,26 +30,19 @@ import numpy as np
 import optax
 
 from mmssl_jax import critic as critic_lib
-from mmssl_jax import graph as graph_lib
+from mmssl_jax import generator
 from mmssl_jax import losses
 from mmssl_jax import model as model_lib
+from mmssl_jax import modality_graphs
+from mmssl_jax.parallel import StepSharding
 from mmssl_jax.data import sampler as sampler_lib
-from mmssl_jax import state as state_lib
-from mmssl_jax.state import GraphBuffer, StepInputs, TrainState
+from mmssl_jax.state import StepInputs, TrainState
+
+ADVERSARIAL = ("wgan", "none", "edge_likelihood")
 
 
-def make_optimizer(optim: ml_collections.ConfigDict):
-  """The recommender optimiser: AdamW (decoupled decay, as torch) or Adam."""
-  if optim.name == "adamw":
-    return optax.adamw(optim.lr, b1=0.9, b2=0.999, eps=1e-8,
-                       weight_decay=optim.weight_decay)
-  if optim.name == "adam":
-    return optax.adam(optim.lr)
-  raise ValueError(f"unknown optim.name {optim.name!r}")
-
-
-def make_critic_optimizer(critic: ml_collections.ConfigDict):
-  return optax.adam(critic.lr, b1=critic.b1, b2=critic.b2)
+# ----------------------------------------------------------------------------
+# Static settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,204 +71,580 @@ def batch_positives_capacity(degrees, batch_size: int) -> int:
   return max(1, int(degrees[:batch_size].sum()))
 
 
-def topk_k(config, n_items: int) -> int:
-  """k = floor(I * m_topk_rate) (§4.4); 0 for the Baby settings."""
-  return int(n_items * config.graph_update.m_topk_rate)
+@dataclasses.dataclass(frozen=True)
+class OptimHParams:
+  """An Adam-family optimiser: 'adamw' (decoupled decay, as torch) or 'adam'."""
+
+  name: str
+  lr: float
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+
+  @classmethod
+  def recommender(cls, optim: ml_collections.ConfigDict) -> "OptimHParams":
+    return cls(optim.name, float(optim.lr), float(optim.weight_decay))
+
+  @classmethod
+  def critic(cls, critic: ml_collections.ConfigDict) -> "OptimHParams":
+    return cls("adam", float(critic.lr), b1=float(critic.b1),
+               b2=float(critic.b2))
 
 
-def buffer_capacity(config, n_items: int) -> int:
-  """Pairs the reference schedule can accumulate between two rebuilds.
+def make_optimizer(hp: OptimHParams) -> optax.GradientTransformation:
+  if hp.name == "adamw":
+    return optax.adamw(hp.lr, b1=hp.b1, b2=hp.b2, eps=1e-8,
+                       weight_decay=hp.weight_decay)
+  if hp.name == "adam":
+    return optax.adam(hp.lr, b1=hp.b1, b2=hp.b2)
+  raise ValueError(f"unknown optim.name {hp.name!r}")
 
-  Rebuilds happen at batch indices that are positive multiples of T and the
-  lists survive epoch boundaries, so at most (T - 1) + 1 + (T - 1) batches of
-  B * k pairs accumulate (end of one epoch, index 0, then up to T - 1 more).
+
+@dataclasses.dataclass(frozen=True)
+class LossHParams:
+  """The recommender's loss settings (`loss.*`; §3 of docs/reference.md)."""
+
+  emb_decay: float
+  feat_decay: float
+  contrastive: bool
+  cl_rate: float
+  tau: float
+  adversarial: str  # 'wgan', 'none' (w/o ASL), 'edge_likelihood' (r/p GAE)
+  g_rate: float
+  gumbel_transform: bool
+  real_data_tau: float
+  ui_pre_scale: float
+  gumbel_scale: float
+  gumbel_log_logits: bool
+
+  @classmethod
+  def from_config(cls, loss: ml_collections.ConfigDict) -> "LossHParams":
+    hp = cls(**{f.name: loss[f.name] for f in dataclasses.fields(cls)})
+    if hp.adversarial not in ADVERSARIAL:
+      raise ValueError(f"unknown loss.adversarial {hp.adversarial!r}")
+    return hp
+
+  def real_rows_kwargs(self) -> dict[str, Any]:
+    """The keywords of `losses.gumbel_real_rows` / `fused_real_rows`."""
+    return dict(gumbel_scale=self.gumbel_scale, tau=self.real_data_tau,
+                ui_pre_scale=self.ui_pre_scale,
+                use_gumbel=self.gumbel_transform,
+                log_logits=self.gumbel_log_logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Everything static a step needs, read once from the run config."""
+
+  model_name: str
+  shapes: Shapes
+  batch_size: int
+  model: model_lib.ModelHParams
+  lightgcn_layers: int
+  loss: LossHParams
+  critic: critic_lib.CriticHParams
+  critic_kind: str  # 'dense' or 'lowrank'
+  gp_weight: float  # critic.gp_weight * critic.gp_rate
+  optim: OptimHParams
+  critic_optim: OptimHParams
+  graphs: modality_graphs.GraphSchedule
+  generator_block: int
+  sharding: StepSharding = StepSharding()
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, shapes: Shapes,
+                  sharding: StepSharding = StepSharding()) -> "StepConfig":
+    steps_per_epoch = shapes.n_train // config.train.batch_size + 1
+    graphs = modality_graphs.GraphSchedule.from_config(
+        config, shapes.n_items, steps_per_epoch)
+    if config.model.name == "mmssl":
+      graphs.check(shapes.n_items)
+    return cls(
+        model_name=config.model.name, shapes=shapes,
+        batch_size=int(config.train.batch_size),
+        model=model_lib.ModelHParams.from_config(config.model),
+        lightgcn_layers=int(config.model.lightgcn_layers),
+        loss=LossHParams.from_config(config.loss),
+        critic=critic_lib.CriticHParams.from_config(config.critic),
+        critic_kind=config.critic.kind,
+        gp_weight=config.critic.gp_weight * config.critic.gp_rate,
+        optim=OptimHParams.recommender(config.optim),
+        critic_optim=OptimHParams.critic(config.critic),
+        graphs=graphs, generator_block=int(config.train.generator_block),
+        sharding=sharding)
+
+  @property
+  def lowrank(self) -> bool:
+    """The low-rank critic reads a generated row only through its projection
+    onto the factor U, which has a Gram form with no (B, I) product
+    (`generator.generated_rows_projection`)."""
+    return self.loss.adversarial == "wgan" and self.critic_kind == "lowrank"
+
+  @property
+  def needs_rows(self) -> bool:
+    """The dense critic reads whole generated rows."""
+    return self.loss.adversarial == "wgan" and not self.lowrank
+
+  @property
+  def fused(self) -> bool:
+    """Whether the step runs the blockwise fused generator + critic.
+
+    Selected by train.generator_block > 0 together with
+    critic.kind='lowrank': the real rows and the top-k refresh are then
+    computed item block by item block (`generator.fused_real_rows`,
+    `generator.blockwise_topk`) and no (B, I) array is formed (except for
+    the `rp_gae` ablation's edge likelihood, which needs the raw rows).
+    With the dense critic, generator_block only splits the score product
+    into blocks.
+    """
+    return self.generator_block > 0 and self.critic_kind == "lowrank"
+
+  @property
+  def all_users_positives(self) -> bool:
+    """The Gram form subtracts the training positives of the rows it
+    projects: those of the batch (at most `shapes.batch_positives`), or, when
+    that bound exceeds the whole training set (B >= users, or heavy users),
+    those of every user, for all users at once, then the batch's rows."""
+    bound = self.shapes.batch_positives or self.batch_size * self.shapes.n_items
+    return bound >= self.shapes.n_train
+
+
+# ----------------------------------------------------------------------------
+# The batch and the keys of one step
+
+
+class StepKeys(NamedTuple):
+  """The keys of one MMSSL step, split from the state's key (in this order)."""
+
+  sample: jax.Array
+  critic_forward: jax.Array
+  gumbel: jax.Array
+  d_real: jax.Array
+  d_fake: jax.Array
+  gp: jax.Array
+  gp_alpha: jax.Array
+  recommender_forward: jax.Array
+  generator: jax.Array
+
+  @classmethod
+  def split(cls, rng) -> tuple[jax.Array, "StepKeys"]:
+    """(the next state key, this step's keys)."""
+    next_rng, *keys = jax.random.split(rng, 10)
+    return next_rng, cls(*keys)
+
+
+class Batch(NamedTuple):
+  """A BPR batch and what the step reads of its users' training rows.
+
+  users, pos, neg: (B,) int32 sampled users, positives and negatives.
+  lists: (B, L) the users' training items, -1 padded (R).
+  positives: R as a flat edge list (low-rank critic), else None.
+  interactions: R as dense (B, I) 0/1 rows where a piece needs them, else None.
   """
-  t = config.graph_update.T
-  return (2 * t - 1) * config.train.batch_size * topk_k(config, n_items)
+
+  users: jax.Array
+  pos: jax.Array
+  neg: jax.Array
+  lists: jax.Array
+  positives: generator.BatchPositives | None
+  interactions: jax.Array | None
 
 
-def _critic_head(config, params, stats, key):
-  """h -> (scores, stats): the critic after its first layer, as configured."""
-  c = config.critic
-  return lambda h: critic_lib.critic_head(
-      params, stats, h, key=key, negative_slope=c.negative_slope,
-      batch_norm=c.batch_norm, dropout=tuple(c.dropout),
-      output_scale=c.output_scale, sigmoid_output=c.sigmoid_output,
-      train=c.train_mode)
+def sample_batch(key, inputs: StepInputs, cfg: StepConfig) -> Batch:
+  """Samples a batch (§4.2) and builds the forms of R the step uses."""
+  sh, n_items = cfg.sharding, cfg.shapes.n_items
+  users, pos, neg = map(sh.batch, sampler_lib.sample_batch(
+      key, inputs.sampler, batch_size=cfg.batch_size, n_items=n_items))
+  lists = sh.batch(inputs.sampler.train_lists[users])
+  positives = None
+  if cfg.lowrank and cfg.all_users_positives:
+    g = inputs.graph
+    positives = generator.BatchPositives(g.users, g.items,
+                                         g.to_user_weight > 0)
+  elif cfg.lowrank:
+    positives = generator.batch_positives(lists, cfg.shapes.batch_positives)
+  interactions = None
+  if cfg.needs_rows or cfg.loss.adversarial == "edge_likelihood" or (
+      cfg.lowrank and not cfg.fused):
+    interactions = sh.rows(generator.dense_rows(lists, n_items))
+  return Batch(users, pos, neg, lists, positives, interactions)
 
 
-def critic_loss(critic_params, config, critic_stats, real_rows, fake_rows,
-                n_modalities: int, keys):
-  """WGAN-GP critic loss (§3.5) with the first layer computed once per row.
+# ----------------------------------------------------------------------------
+# Generated and real rows
 
-  `real_rows` are the B distinct real rows; the released code stacks them
-  n_modalities times to match the fake rows, which only matters after the
-  first (affine) layer, so that layer runs on B rows instead of M*B. The
-  penalty reuses the real and fake first-layer outputs
-  (`critic.gradient_penalty_from_hidden`). Returns (loss, aux).
+
+def generated_rows(out: model_lib.ForwardOutput, batch: Batch,
+                   cfg: StepConfig) -> dict[str, jax.Array]:
+  """modality -> (B, I) generated rows S^m of the batch users (§3.4)."""
+  return {m: cfg.sharding.rows(generator.generated_rows(
+      out.feat_user[m][batch.users], out.feat_item[m], batch.interactions,
+      block_size=cfg.generator_block)) for m in cfg.shapes.modalities}
+
+
+def real_rows(out: model_lib.ForwardOutput, batch: Batch, key,
+              cfg: StepConfig) -> jax.Array:
+  """The critic's (B, I) "real" rows (§3.5), constants of the D step.
+
+  `out.user` holds the batch users' final rows (`user_rows=batch.users`).
   """
-  return critic_loss_from_hidden(
-      critic_params, config, critic_stats,
-      critic_lib.first_layer(critic_params, real_rows),
-      critic_lib.first_layer(critic_params, fake_rows), n_modalities, keys)
+  sh = cfg.sharding
+  model_rows = sh.rows(generator.generated_rows(
+      out.user, out.item, batch.interactions, block_size=cfg.generator_block))
+  real = losses.gumbel_real_rows(
+      key=key, interactions=batch.interactions, model_rows=model_rows,
+      **cfg.loss.real_rows_kwargs())
+  return sh.rows(jax.lax.stop_gradient(real))
 
 
-def critic_loss_from_hidden(critic_params, config, critic_stats, h_real,
-                            h_fake, n_modalities: int, keys):
-  """`critic_loss` given the first-layer outputs of the B real rows (h_real)
-  and the M*B fake rows (h_fake), e.g. from the blockwise fused generator."""
+def projected_fake_rows(out: model_lib.ForwardOutput, batch: Batch, factor,
+                        cfg: StepConfig) -> list[jax.Array]:
+  """Per modality n(S^m) F (B, r): the generated rows' projections onto the
+  low-rank critic's factor, with no (B, I) array (Gram form)."""
+  all_users = cfg.all_users_positives
+
+  def project(m):
+    p = out.feat_user[m] if all_users else out.feat_user[m][batch.users]
+    z = generator.generated_rows_projection(p, out.feat_item[m],
+                                            batch.positives, factor)
+    return z[batch.users] if all_users else z
+  return [cfg.sharding.batch(project(m)) for m in cfg.shapes.modalities]
+
+
+def _first_layer_of_projections(critic_params, projections, cfg: StepConfig):
+  return cfg.sharding.batch(jnp.concatenate([
+      critic_lib.first_layer_from_projection(critic_params, z)
+      for z in projections]))
+
+
+def _top_items_fn(feat_user, feat_item, batch: Batch, cfg: StepConfig):
+  """A function computing modality -> (B, k) top-k ids of the generated
+  rows (§4.4), called only where the graph update uses them."""
+  k, block, sh = cfg.graphs.k, cfg.generator_block, cfg.sharding
+
+  def top_items():
+    if cfg.fused:
+      return {m: generator.blockwise_topk(
+          feat_user[m], feat_item[m], batch.lists, block_size=block, k=k,
+          **sh.block_kwargs()) for m in cfg.shapes.modalities}
+    interactions = sh.rows(generator.dense_rows(batch.lists,
+                                                cfg.shapes.n_items))
+    return {m: jax.lax.top_k(sh.rows(generator.generated_rows(
+        feat_user[m], feat_item[m], interactions, block_size=block)),
+                             k)[1].astype(jnp.int32)
+            for m in cfg.shapes.modalities}
+  return top_items
+
+
+# ----------------------------------------------------------------------------
+# 1. The critic step
+
+
+class CriticState(NamedTuple):
+  """The critic's parameters, Adam state and BatchNorm running statistics."""
+
+  params: Any
+  opt_state: Any
+  stats: Any
+
+
+def _critic_head(critic_params, stats, key, hp: critic_lib.CriticHParams):
+  """h -> (scores, stats): the critic after its first layer."""
+  return lambda h: critic_lib.critic_head(critic_params, stats, h, key=key,
+                                          hp=hp)
+
+
+def critic_loss_from_hidden(critic_params, critic_stats, h_real, h_fake, keys,
+                            *, hp: critic_lib.CriticHParams, gp_weight: float,
+                            n_modalities: int):
+  """WGAN-GP critic loss (§3.5) from first-layer outputs.
+
+  h_real: (B, h_1) of the B distinct real rows; h_fake: (M*B, h_1) of the
+  fake rows of every modality. The released code stacks the real rows M
+  times to match the fake rows, which only matters after the first (affine)
+  layer, so that layer runs on B rows instead of M*B. The penalty reuses the
+  real and fake first-layer outputs (`critic.gradient_penalty_from_hidden`).
+  keys: (real dropout, fake dropout, penalty dropout, penalty alpha).
+  Returns (loss, (new stats, mean D(real), mean D(fake), penalty)).
+  """
   k_real, k_fake, k_gp, k_alpha = keys
   h_real = jnp.tile(h_real, (n_modalities, 1))
-  d_real, stats = _critic_head(config, critic_params, critic_stats,
-                               k_real)(h_real)
-  d_fake, stats = _critic_head(config, critic_params, stats, k_fake)(h_fake)
+  d_real, stats = _critic_head(critic_params, critic_stats, k_real, hp)(h_real)
+  d_fake, stats = _critic_head(critic_params, stats, k_fake, hp)(h_fake)
   gp = critic_lib.gradient_penalty_from_hidden(
-      lambda h: _critic_head(config, critic_params, stats, k_gp)(h)[0],
+      lambda h: _critic_head(critic_params, stats, k_gp, hp)(h)[0],
       h_real, h_fake, critic_params["dense_0"], key=k_alpha)
-  loss = losses.wgan_critic_loss(
-      d_real=d_real, d_fake=d_fake, gradient_penalty=gp,
-      gp_weight=config.critic.gp_weight * config.critic.gp_rate)
+  loss = losses.wgan_critic_loss(d_real=d_real, d_fake=d_fake,
+                                 gradient_penalty=gp, gp_weight=gp_weight)
   return loss, (stats, jnp.mean(d_real), jnp.mean(d_fake), gp)
 
 
-def _pair_topk(users, top_items, pairing: str):
-  """(user, item) pairs from each batch user's top-k items (§4.4).
+def critic_loss(critic_params, critic_stats, real_rows_, fake_rows, keys, *,
+                hp: critic_lib.CriticHParams, gp_weight: float,
+                n_modalities: int):
+  """`critic_loss_from_hidden` of (B, I) real and (M*B, I) fake rows."""
+  return critic_loss_from_hidden(
+      critic_params, critic_stats,
+      critic_lib.first_layer(critic_params, real_rows_),
+      critic_lib.first_layer(critic_params, fake_rows), keys, hp=hp,
+      gp_weight=gp_weight, n_modalities=n_modalities)
 
-  'tiled' reproduces the released `repeat(1, k)`: the user list is the batch
-  tiled k times while items are read row by row, so position p = b*k + j gets
-  user users[p mod B] and item top_items[b, j]. 'per_user' pairs each row's
-  items with that row's user.
+
+def _critic_loss_fn(out, batch: Batch, critic_stats, keys: StepKeys,
+                    cfg: StepConfig):
+  """critic params -> (loss, aux) for the configured critic and generator."""
+  d_keys = (keys.d_real, keys.d_fake, keys.gp, keys.gp_alpha)
+  kw = dict(hp=cfg.critic, gp_weight=cfg.gp_weight,
+            n_modalities=len(cfg.shapes.modalities))
+  sh = cfg.sharding
+  if not cfg.lowrank:
+    fake = jnp.concatenate(list(generated_rows(out, batch, cfg).values()))
+    real = real_rows(out, batch, keys.gumbel, cfg)
+    return lambda cp: critic_loss(cp, critic_stats, real, fake, d_keys, **kw)
+
+  def loss_fn(cp):
+    factor = critic_lib.first_layer_factor(cp)
+    if cfg.fused:
+      z_real = generator.fused_real_rows(
+          keys.gumbel, out.user, out.item, batch.lists, factor,
+          block_size=cfg.generator_block, **cfg.loss.real_rows_kwargs(),
+          **sh.block_kwargs())
+    else:
+      z_real = sh.batch(real_rows(out, batch, keys.gumbel, cfg) @ factor)
+    h_real = sh.batch(critic_lib.first_layer_from_projection(
+        cp, sh.batch(z_real)))
+    h_fake = _first_layer_of_projections(
+        cp, projected_fake_rows(out, batch, factor, cfg), cfg)
+    return critic_loss_from_hidden(cp, critic_stats, h_real, h_fake, d_keys,
+                                   **kw)
+  return loss_fn
+
+
+def critic_step(critic: CriticState, out: model_lib.ForwardOutput,
+                batch: Batch, keys: StepKeys, cfg: StepConfig
+                ) -> tuple[CriticState, dict[str, jax.Array]]:
+  """One Adam step of the critic (§4.3.2), WGAN-GP (§3.5).
+
+  Args:
+    critic: the critic's state.
+    out: the recommender's forward in train mode, without gradient, with
+      `user`/`item` read at `user_rows=batch.users` (`model.forward`).
+    batch: the step's batch.
+    keys: the step's keys (gumbel, d_real, d_fake, gp, gp_alpha are used).
+    cfg: static settings; requires loss.adversarial == 'wgan'.
+
+  Returns:
+    (the updated critic, {'critic': loss, 'd_real', 'd_fake', 'gp'}).
   """
-  b, k = top_items.shape
-  items = top_items.reshape(-1)
-  if pairing == "tiled":
-    return jnp.tile(users, k), items
-  if pairing == "per_user":
-    return jnp.repeat(users, k), items
-  raise ValueError(f"unknown graph_update.pairing {pairing!r}")
+  loss_fn = _critic_loss_fn(out, batch, critic.stats, keys, cfg)
+  (d_loss, (stats, d_real, d_fake, gp)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(critic.params)
+  tx = make_optimizer(cfg.critic_optim)
+  updates, opt_state = tx.update(grads, critic.opt_state, critic.params)
+  params = optax.apply_updates(critic.params, updates)
+  metrics = {"critic": d_loss, "d_real": d_real, "d_fake": d_fake, "gp": gp}
+  return CriticState(params, opt_state, stats), metrics
 
 
-def _top_items(gen_rows, top_items, k: int):
-  """modality -> (B, k) top-k item ids: given, computed by `top_items()` when
-  it is a function (only in the branch that appends), or from the rows."""
-  if callable(top_items):
-    return top_items()
-  if top_items is not None:
-    return top_items
-  return {m: jax.lax.top_k(rows, k)[1].astype(jnp.int32)
-          for m, rows in gen_rows.items()}
+# ----------------------------------------------------------------------------
+# 2. The recommender step
 
 
-def reference_graph_update(graphs, buffer: GraphBuffer, gen_rows, users,
-                           batch_idx, *, k: int, period: int, pairing: str,
-                           n_users: int, n_items: int, top_items=None):
-  """The released modality-graph regeneration schedule (§4.4).
+class Generated(NamedTuple):
+  """What the top-k refresh reads of the recommender's forward (constants).
 
-  At a batch index that is a positive multiple of T, rebuild G^m from the
-  accumulated pairs (one-sided weights, duplicates summed) and clear the
-  lists; the current batch is not added. Otherwise append this batch's top-k
-  pairs. An empty list gives an all-zero graph. `top_items` (modality ->
-  (B, k) ids, or a function returning them, called only where pairs are
-  appended) replaces the top-k of `gen_rows` (then None). A rebuild from an
-  empty list is `graph.empty_graph` (no sort). Rebuilt graphs keep the CSR
-  fields only if the current ones have them.
+  rows: modality -> (B, I) generated rows, or None where none were formed.
+  feat_user: modality -> (B, d) the batch users' feature representations.
+  feat_item: modality -> (I, d) the items' feature representations.
   """
-  rebuild = (batch_idx > 0) & (batch_idx % period == 0)
 
-  def do_rebuild(graphs, buffer):
-    capacity = next(iter(graphs.values())).n_edges
-    new = {}
-    for m in graphs:
-      u = jnp.zeros((capacity,), jnp.int32)
-      i = jnp.zeros((capacity,), jnp.int32)
-      n_buf = buffer.users[m].shape[0]
-      if n_buf:
-        u = u.at[:n_buf].set(buffer.users[m])
-        i = i.at[:n_buf].set(buffer.items[m])
-      valid = jnp.arange(capacity) < buffer.length
-      csr = graphs[m].user_indptr is not None
-      new[m] = jax.lax.cond(
-          buffer.length > 0,
-          lambda u, i, valid: graph_lib.sort_graph(u, i, valid, n_users,
-                                                   n_items, csr=csr),
-          lambda *_: graph_lib.empty_graph(capacity, n_users, n_items,
-                                           csr=csr),
-          u, i, valid)
-    return new, buffer._replace(length=jnp.zeros((), jnp.int32))
-
-  def do_append(graphs, buffer):
-    if k == 0:
-      return graphs, buffer
-    bu, bi = dict(buffer.users), dict(buffer.items)
-    for m, top in _top_items(gen_rows, top_items, k).items():
-      pu, pi = _pair_topk(users, top, pairing)
-      bu[m] = jax.lax.dynamic_update_slice(bu[m], pu, (buffer.length,))
-      bi[m] = jax.lax.dynamic_update_slice(bi[m], pi, (buffer.length,))
-    return graphs, GraphBuffer(bu, bi, buffer.length + users.shape[0] * k)
-
-  return jax.lax.cond(rebuild, do_rebuild, do_append, graphs, buffer)
+  rows: dict[str, jax.Array] | None
+  feat_user: dict[str, jax.Array]
+  feat_item: dict[str, jax.Array]
 
 
-def persistent_graph_update(graphs, table: state_lib.TopkTable, gen_rows,
-                            users, step, *, k: int, period: int,
-                            n_items: int, top_items=None):
-  """The paper's modality-aware graphs, kept per user (issue: paper variant).
+def _adversarial_term(out, batch: Batch, critic: CriticState, key,
+                      cfg: StepConfig, rows):
+  """The generator's loss against the critic (or r/p GAE's edge term)."""
+  if cfg.loss.adversarial == "wgan":
+    if cfg.lowrank:
+      h_gen = _first_layer_of_projections(
+          critic.params, projected_fake_rows(
+              out, batch, critic_lib.first_layer_factor(critic.params), cfg),
+          cfg)
+    else:
+      h_gen = critic_lib.first_layer(critic.params,
+                                     jnp.concatenate(list(rows.values())))
+    d_gen, _ = _critic_head(critic.params, critic.stats, key, cfg.critic)(
+        h_gen)
+    return losses.wgan_generator_loss(d_fake=d_gen)
+  return sum(
+      losses.edge_likelihood_loss(
+          generated_rows=cfg.sharding.rows(
+              out.feat_user[m][batch.users] @ out.feat_item[m].T),
+          interactions=batch.interactions) for m in cfg.shapes.modalities)
 
-  Every step writes each batch user's top-k items of its generated row (per
-  user, no pairing scramble) into a persistent (n_users, k) table; every T
-  steps, counting the current one, the graphs are rebuilt from the whole
-  table (`graph.topk_table_graph`). Training positives score 0 in the
-  masked rows, so they enter only when fewer than k items score above 0.
-  `top_items` as in `reference_graph_update`.
+
+def recommender_loss(params, critic: CriticState, batch: Batch,
+                     inputs: StepInputs, graphs, is_base, key_forward,
+                     key_generator, cfg: StepConfig):
+  """The recommender's total loss (§3.7) and (terms, Generated)."""
+  loss_hp, users = cfg.loss, batch.users
+  out = model_lib.forward(
+      params, inputs.graph, inputs.features, graphs, key=key_forward,
+      train=True, hp=cfg.model, modality_is_base=is_base, user_rows=users,
+      item_rows=jnp.concatenate([batch.pos, batch.neg]))
+  u, (p, n) = out.user, jnp.split(out.item, 2)
+  terms = {
+      "bpr": losses.bpr_loss(user_emb=u, pos_emb=p, neg_emb=n),
+      "emb_l2": losses.embedding_l2(
+          user_emb=u, pos_emb=p, neg_emb=n, decay=loss_hp.emb_decay,
+          batch_size=cfg.batch_size),
+      "feat_l2": losses.feature_l2(
+          user_feats=list(out.feat_user.values()),
+          item_feats=list(out.feat_item.values()),
+          decay=loss_hp.feat_decay, n_items=cfg.shapes.n_items),
+  }
+  total = terms["bpr"] + terms["emb_l2"] + terms["feat_l2"]
+  if loss_hp.contrastive:
+    terms["cl"] = sum(
+        losses.infonce(anchor=out.modality_user[m][users], positive=u,
+                       tau=loss_hp.tau) for m in cfg.shapes.modalities)
+    total = total + loss_hp.cl_rate * terms["cl"]
+  rows = generated_rows(out, batch, cfg) if cfg.needs_rows else None
+  if loss_hp.adversarial != "none":
+    terms["gen"] = _adversarial_term(out, batch, critic, key_generator, cfg,
+                                     rows)
+    total = total + loss_hp.g_rate * terms["gen"]
+  terms["loss"] = total
+  generated = Generated(rows, {m: out.feat_user[m][users]
+                               for m in cfg.shapes.modalities}, out.feat_item)
+  return total, (terms, jax.lax.stop_gradient(generated))
+
+
+def recommender_step(params, opt_state, critic: CriticState, batch: Batch,
+                     inputs: StepInputs, graphs, is_base, keys: StepKeys,
+                     cfg: StepConfig):
+  """One AdamW step of the recommender (§4.3.3).
+
+  Args:
+    params, opt_state: the recommender's parameters and optimiser state.
+    critic: the critic after this step's update (its scores drive the
+      generator loss; no gradient reaches it).
+    batch: the step's batch.
+    inputs: the run's step inputs.
+    graphs: modality -> G^m; is_base: whether G^m is still the base graph
+      (`modality_graphs.is_base`).
+    keys: the step's keys (recommender_forward, generator are used).
+    cfg: static settings.
+
+  Returns:
+    (params, opt_state, loss terms {'bpr', 'emb_l2', 'feat_l2', ['cl'],
+    ['gen'], 'loss'}, `Generated` for the modality-graph step).
   """
-  items = {m: table.items[m].at[users].set(top)
-           for m, top in _top_items(gen_rows, top_items, k).items()}
-  table = state_lib.TopkTable(items, table.refreshed.at[users].set(True))
-
-  def rebuild(graphs):
-    capacity = next(iter(graphs.values())).n_edges
-    return {m: graph_lib.topk_table_graph(
-        items[m], table.refreshed, n_items, capacity,
-        csr=graphs[m].user_indptr is not None) for m in graphs}
-
-  graphs = jax.lax.cond((step + 1) % period == 0, rebuild, lambda g: g,
-                        graphs)
-  return graphs, table
+  (_, (terms, generated)), grads = jax.value_and_grad(
+      recommender_loss, has_aux=True)(
+          params, critic, batch, inputs, graphs, is_base,
+          keys.recommender_forward, keys.generator, cfg)
+  tx = make_optimizer(cfg.optim)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, terms, generated
 
 
-def modality_graph_is_base(config: ml_collections.ConfigDict, shapes: Shapes,
-                           step) -> jax.Array:
-  """Whether G^m still equals the base graph in the forwards of `step`.
+# ----------------------------------------------------------------------------
+# 3. The modality-graph step
 
-  G^m starts as the base graph (§2.1) and is first regenerated at the end of
-  step T under the released schedule (batch index T of epoch 0; never when
-  an epoch has at most T steps, §4.4) and of step T - 1 under the
-  persistent one. Until then `model.forward` propagates over the base graph
-  (`modality_is_base`), so the state's modality graphs hold only what a
-  regeneration can produce (`init_state`).
+
+def modality_graph_step(graphs, buffer, generated: Generated, batch: Batch,
+                        batch_idx, step, cfg: StepConfig):
+  """The top-k refresh of the modality graphs (§4.4); returns (graphs,
+  buffer).
+
+  The refresh ranks the recommender forward's generated rows: by the dot
+  product P_b . Q_i as released, or by P_b . Q_i / |Q_i| with
+  graph_update.topk_score='cosine'. Without whole rows at hand (low-rank
+  critic) the top-k is computed only where the schedule uses it.
   """
-  t = config.graph_update.T
-  if config.graph_update.schedule == "persistent":
-    return jnp.asarray(step < t)
-  if t >= shapes.n_train // config.train.batch_size + 1:
-    return jnp.ones((), bool)
-  return jnp.asarray(step <= t)
+  if cfg.graphs.topk_score == "cosine":
+    top = _top_items_fn(generated.feat_user,
+                        {m: losses.l2_normalize(q)
+                         for m, q in generated.feat_item.items()}, batch, cfg)
+  elif generated.rows is not None:
+    top = modality_graphs.top_items_of_rows(generated.rows, cfg.graphs.k)
+  else:
+    top = _top_items_fn(generated.feat_user, generated.feat_item, batch, cfg)
+  return modality_graphs.update(
+      cfg.graphs, graphs, buffer, top, batch.users, batch_idx, step,
+      n_users=cfg.shapes.n_users, n_items=cfg.shapes.n_items)
 
 
-def uses_fused_generator(config: ml_collections.ConfigDict) -> bool:
-  """Whether the step runs the blockwise fused generator + critic.
+# ----------------------------------------------------------------------------
+# The whole step
 
-  Selected by train.generator_block > 0 together with critic.kind='lowrank':
-  the real rows and the top-k refresh are then computed item block by item
-  block (`graph.fused_real_rows`, `graph.blockwise_topk`) and no
-  (B, I) array is formed (except for the `rp_gae` ablation's edge
-  likelihood, which needs the raw rows). The low-rank critic's generated
-  rows never need one, fused or not (`graph.generated_rows_projection`).
-  With the dense critic, generator_block only splits the score product into
-  blocks.
-  """
-  return (config.train.generator_block > 0
-          and config.critic.get("kind", "dense") == "lowrank")
+
+def train_step(state: TrainState, batch_idx, inputs: StepInputs,
+               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One MMSSL iteration (§4.3): sample, critic step, recommender step,
+  modality-graph step. Returns the new state and the loss terms."""
+  rng, keys = StepKeys.split(state.rng)
+  batch = sample_batch(keys.sample, inputs, cfg)
+  is_base = modality_graphs.is_base(cfg.graphs, state.step)
+  critic = CriticState(state.critic_params, state.critic_opt_state,
+                       state.critic_stats)
+  metrics = {}
+  if cfg.loss.adversarial == "wgan":
+    # Only the batch users' final rows are read (`real_rows`).
+    out = jax.lax.stop_gradient(model_lib.forward(
+        state.params, inputs.graph, inputs.features, state.modality_graphs,
+        key=keys.critic_forward, train=True, hp=cfg.model,
+        modality_is_base=is_base, user_rows=batch.users))
+    critic, metrics = critic_step(critic, out, batch, keys, cfg)
+  # The barrier hands the recommender step the D step's results and the
+  # parameters together, which lets XLA order the D step's (U or I) x d
+  # temporaries before the recommender's (docs/results.md, scale). Same
+  # values.
+  critic, rec_params = jax.lax.optimization_barrier((critic, state.params))
+  params, opt_state, terms, generated = recommender_step(
+      rec_params, state.opt_state, critic, batch, inputs,
+      state.modality_graphs, is_base, keys, cfg)
+  metrics.update(terms)
+  graphs, buffer = modality_graph_step(
+      state.modality_graphs, state.graph_buffer, generated, batch, batch_idx,
+      state.step, cfg)
+  new_state = TrainState(
+      step=state.step + 1, rng=rng, params=params, opt_state=opt_state,
+      critic_params=critic.params, critic_opt_state=critic.opt_state,
+      critic_stats=critic.stats, modality_graphs=graphs, graph_buffer=buffer)
+  return new_state, metrics
+
+
+def lightgcn_step(state: TrainState, batch_idx, inputs: StepInputs,
+                  cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+  """LightGCN: BPR + L2 on the batch's ego embeddings, Adam."""
+  del batch_idx
+  rng, k_sample = jax.random.split(state.rng)
+  users, pos, neg = map(cfg.sharding.batch, sampler_lib.sample_batch(
+      k_sample, inputs.sampler, batch_size=cfg.batch_size,
+      n_items=cfg.shapes.n_items))
+
+  def loss_fn(params):
+    user, item = model_lib.lightgcn_forward(params, inputs.graph,
+                                            cfg.lightgcn_layers)
+    bpr = losses.bpr_loss(user_emb=user[users], pos_emb=item[pos],
+                          neg_emb=item[neg])
+    reg = losses.embedding_l2(
+        user_emb=params["user_id_embedding"][users],
+        pos_emb=params["item_id_embedding"][pos],
+        neg_emb=params["item_id_embedding"][neg],
+        decay=cfg.loss.emb_decay, batch_size=cfg.batch_size)
+    return bpr + reg, {"bpr": bpr, "emb_l2": reg, "loss": bpr + reg}
+
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  tx = make_optimizer(cfg.optim)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state._replace(step=state.step + 1, rng=rng, params=params,
+                        opt_state=opt_state), terms
 
 
 def step_compiler_options() -> dict[str, str] | None:
@@ -274,370 +653,62 @@ def step_compiler_options() -> dict[str, str] | None:
   XLA:CPU's default scheduler orders a program for concurrency and starts
   many (U or I) x d temporaries (zero cotangents, optimiser-moment copies)
   long before they are used, so they are all alive across the backward
-  pass. The memory-optimised one about halves the step's scratch (I = 1e5:
-  0.92 -> 0.49 GiB, `benchmarks/scale.py --compile_only`) at the same
-  speed (README, "Speed and memory"). Other backends keep their defaults.
+  pass. The memory-optimised one about halves the step's scratch at the
+  same speed (docs/results.md, scale). Other backends keep their defaults.
   """
   if jax.default_backend() != "cpu":
     return None
   return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
-def jit_step(step: Callable, **shardings) -> Callable:
-  """`jax.jit` of a train step: state donated, `step_compiler_options`.
+def make_step(cfg: StepConfig, **shardings) -> Callable:
+  """The run's step, `step(state, batch_idx, inputs) -> (state, metrics)`:
+  `train_step` or `lightgcn_step` under one `jax.jit`, the state donated,
+  with `step_compiler_options`.
 
-  shardings: `in_shardings` / `out_shardings` for the sharded step
-  (`parallel.make_sharded_step`); none for one device.
+  shardings: `in_shardings` / `out_shardings` on a mesh
+  (`parallel.step_shardings`); none for one device.
   """
+  fn = train_step if cfg.model_name == "mmssl" else lightgcn_step
+
+  def step(state, batch_idx, inputs):
+    return fn(state, batch_idx, inputs, cfg)
   return jax.jit(step, donate_argnums=0,
                  compiler_options=step_compiler_options(), **shardings)
 
 
-def make_mmssl_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
-                    batch_constraint: Callable | None = None,
-                    rows_constraint: Callable | None = None,
-                    blocks_constraint: Callable | None = None,
-                    jit: bool = True) -> Callable:
-  """Returns jitted `step(state, batch_idx, inputs) -> (state, metrics)`.
-
-  Args:
-    config: the run config.
-    shapes: static sizes.
-    batch_constraint: applied to every array whose leading axis is the batch
-      (sampled users, positives, negatives, their rows and first-layer
-      outputs); `parallel` passes a sharding constraint over the 'data' mesh
-      axis. None: no constraint.
-    rows_constraint: applied to every (B, I) row array (interactions,
-      generated, model and real rows) and to the (B, block) score blocks of
-      the fused generator; `parallel` passes ('data', 'item') for item
-      sharding (issue #5 item 2). None: batch_constraint.
-    blocks_constraint: applied to the fused generator's stacked item blocks
-      (n_blocks, block_size, ...); `parallel` passes (None, 'item'). None:
-      no constraint.
-    jit: return the jitted step (donating the state); False returns the
-      plain function (`parallel.make_sharded_step` jits it with shardings).
-  """
-  hp = model_lib.ModelHParams.from_config(config.model)
-  tx = make_optimizer(config.optim)
-  critic_tx = make_critic_optimizer(config.critic)
-  loss_cfg, gu = config.loss, config.graph_update
-  batch_size = config.train.batch_size
-  n_users, n_items = shapes.n_users, shapes.n_items
-  n_mod = len(shapes.modalities)
-  k = topk_k(config, n_items)
-  block = config.train.generator_block
-  fused = uses_fused_generator(config)
-  adversarial = loss_cfg.adversarial
-  constrain = batch_constraint or (lambda x: x)
-  constrain_rows = rows_constraint or constrain
-  block_kw = dict(row_constraint=rows_constraint,
-                  block_constraint=blocks_constraint)
-  if adversarial not in ("wgan", "none", "edge_likelihood"):
-    raise ValueError(f"unknown loss.adversarial {adversarial!r}")
-  if gu.schedule not in ("reference", "persistent"):
-    raise ValueError(f"unknown graph_update.schedule {gu.schedule!r}")
-  topk_score = gu.get("topk_score", "dot")
-  if topk_score not in ("dot", "cosine"):
-    raise ValueError(f"graph_update.topk_score={topk_score!r}: expected "
-                     "'dot' or 'cosine'")
-  if gu.schedule == "persistent" and k < 1:
-    raise ValueError(
-        f"graph_update.schedule='persistent' needs k >= 1, but "
-        f"m_topk_rate={gu.m_topk_rate} gives k = 0 on {n_items} items")
-
-  # The low-rank critic reads a generated row only through its projection
-  # onto the factor U, which has a Gram form with no (B, I) product
-  # (`graph.generated_rows_projection`); the dense critic needs whole rows.
-  lowrank = (adversarial == "wgan"
-             and config.critic.get("kind", "dense") == "lowrank")
-  needs_rows = adversarial == "wgan" and not lowrank
-
-  def gen_rows(out, users, interactions):
-    return {m: constrain_rows(graph_lib.generated_rows(
-        out.feat_user[m][users], out.feat_item[m], interactions,
-        block_size=block)) for m in shapes.modalities}
-
-  # The Gram form subtracts the training positives of the rows it projects:
-  # those of the batch (at most `shapes.batch_positives`), or, when that
-  # bound exceeds the whole training set (B >= users, or heavy users), those
-  # of every user, for all users at once, then the batch's rows.
-  all_users = (shapes.batch_positives or batch_size * n_items) >= shapes.n_train
-
-  def projected_fake(out, users, positives, factor):
-    """modality -> n(S^m) U (B, r), the fake rows' first-layer input."""
-    def project(m):
-      p = out.feat_user[m] if all_users else out.feat_user[m][users]
-      z = graph_lib.generated_rows_projection(p, out.feat_item[m], positives,
-                                              factor)
-      return z[users] if all_users else z
-    return [constrain(project(m)) for m in shapes.modalities]
-
-  def first_layer_of_projections(critic_params, projections):
-    return constrain(jnp.concatenate([
-        critic_lib.first_layer_from_projection(critic_params, z)
-        for z in projections]))
-
-  def top_items_fn(feat_user, feat_item, lists):
-    """A function computing modality -> (B, k) top-k ids of the generated
-    rows (§4.4), called only where the graph update uses them."""
-    def top_items():
-      if fused:
-        return {m: graph_lib.blockwise_topk(
-            feat_user[m], feat_item[m], lists, block_size=block, k=k,
-            **block_kw) for m in shapes.modalities}
-      interactions = constrain_rows(graph_lib.dense_rows(lists, n_items))
-      return {m: jax.lax.top_k(constrain_rows(graph_lib.generated_rows(
-          feat_user[m], feat_item[m], interactions, block_size=block)),
-                               k)[1].astype(jnp.int32)
-              for m in shapes.modalities}
-    return top_items
-
-  def step(state: TrainState, batch_idx, inputs: StepInputs):
-    keys = jax.random.split(state.rng, 10)
-    rng, k_sample, k_fwd1, k_gumbel, k_dreal, k_dfake, k_gp, k_gpx, k_fwd2, \
-        k_gen = keys
-    users, pos, neg = map(constrain, sampler_lib.sample_batch(
-        k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items))
-    lists = constrain(inputs.sampler.train_lists[users])
-    positives = None
-    if lowrank and all_users:
-      g = inputs.graph
-      positives = graph_lib.BatchPositives(g.users, g.items,
-                                           g.to_user_weight > 0)
-    elif lowrank:
-      positives = graph_lib.batch_positives(lists, shapes.batch_positives)
-    interactions = None
-    if needs_rows or adversarial == "edge_likelihood" or (
-        lowrank and not fused):
-      interactions = constrain_rows(graph_lib.dense_rows(lists, n_items))
-    is_base = modality_graph_is_base(config, shapes, state.step)
-    forward = lambda p, key, **rows: model_lib.forward(
-        p, inputs.graph, inputs.features, state.modality_graphs, key=key,
-        train=True, hp=hp, modality_is_base=is_base, **rows)
-    metrics = {}
-
-    def real_rows(out, interactions):
-      """The critic's (B, I) "real" rows (§3.5), constants of the D step."""
-      model_rows = constrain_rows(graph_lib.generated_rows(
-          out.user, out.item, interactions, block_size=block))
-      real = losses.gumbel_real_rows(
-          key=k_gumbel, interactions=interactions, model_rows=model_rows,
-          gumbel_scale=loss_cfg.gumbel_scale, tau=loss_cfg.real_data_tau,
-          ui_pre_scale=loss_cfg.ui_pre_scale,
-          use_gumbel=loss_cfg.gumbel_transform,
-          log_logits=loss_cfg.gumbel_log_logits)
-      return constrain_rows(jax.lax.stop_gradient(real))
-
-    # --- Critic (D) step: no-gradient forward, then one Adam step (§4.3.2).
-    critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
-    critic_stats = state.critic_stats
-    if adversarial == "wgan":
-      # Only the batch users' final rows are read (`real_rows`).
-      out = jax.lax.stop_gradient(forward(state.params, k_fwd1,
-                                          user_rows=users))
-      d_keys = (k_dreal, k_dfake, k_gp, k_gpx)
-      if lowrank:
-        def d_loss_fn(cp):
-          factor = critic_lib.first_layer_factor(cp)
-          if fused:
-            z_real = graph_lib.fused_real_rows(
-                k_gumbel, out.user, out.item, lists, factor,
-                block_size=block, gumbel_scale=loss_cfg.gumbel_scale,
-                tau=loss_cfg.real_data_tau,
-                ui_pre_scale=loss_cfg.ui_pre_scale,
-                use_gumbel=loss_cfg.gumbel_transform,
-                log_logits=loss_cfg.gumbel_log_logits, **block_kw)
-          else:
-            z_real = constrain(real_rows(out, interactions) @ factor)
-          h_real = constrain(critic_lib.first_layer_from_projection(
-              cp, constrain(z_real)))
-          h_fake = first_layer_of_projections(
-              cp, projected_fake(out, users, positives, factor))
-          return critic_loss_from_hidden(cp, config, critic_stats, h_real,
-                                         h_fake, n_mod, d_keys)
-      else:
-        fake = jnp.concatenate(
-            list(gen_rows(out, users, interactions).values()))
-        real = real_rows(out, interactions)
-        d_loss_fn = lambda cp: critic_loss(cp, config, critic_stats, real,
-                                           fake, n_mod, d_keys)
-      (d_loss, (critic_stats, d_real, d_fake, gp)), grads = (
-          jax.value_and_grad(d_loss_fn, has_aux=True)(critic_params))
-      updates, critic_opt_state = critic_tx.update(grads, critic_opt_state,
-                                                   critic_params)
-      critic_params = optax.apply_updates(critic_params, updates)
-      metrics.update(critic=d_loss, d_real=d_real, d_fake=d_fake, gp=gp)
-
-    # --- Recommender step: second forward with a fresh dropout key (§4.3.3).
-    # The barrier hands the recommender step the D step's results and the
-    # parameters together, which lets XLA order the D step's (U or I) x d
-    # temporaries before the recommender's: step scratch at I = 1e6
-    # 4.13 -> 3.89 GiB (`benchmarks/scale.py --compile_only`). Same values.
-    critic_params, critic_opt_state, critic_stats, rec_params = (
-        jax.lax.optimization_barrier((critic_params, critic_opt_state,
-                                      critic_stats, state.params)))
-
-    def rec_loss(params):
-      out = forward(params, k_fwd2, user_rows=users,
-                    item_rows=jnp.concatenate([pos, neg]))
-      u, (p, n) = out.user, jnp.split(out.item, 2)
-      terms = {
-          "bpr": losses.bpr_loss(user_emb=u, pos_emb=p, neg_emb=n),
-          "emb_l2": losses.embedding_l2(
-              user_emb=u, pos_emb=p, neg_emb=n, decay=loss_cfg.emb_decay,
-              batch_size=batch_size),
-          "feat_l2": losses.feature_l2(
-              user_feats=list(out.feat_user.values()),
-              item_feats=list(out.feat_item.values()),
-              decay=loss_cfg.feat_decay, n_items=n_items),
-      }
-      total = terms["bpr"] + terms["emb_l2"] + terms["feat_l2"]
-      if loss_cfg.contrastive:
-        terms["cl"] = sum(
-            losses.infonce(anchor=out.modality_user[m][users], positive=u,
-                           tau=loss_cfg.tau) for m in shapes.modalities)
-        total = total + loss_cfg.cl_rate * terms["cl"]
-      rows = gen_rows(out, users, interactions) if needs_rows else None
-      if adversarial == "wgan":
-        if lowrank:
-          h_gen = first_layer_of_projections(
-              critic_params, projected_fake(
-                  out, users, positives,
-                  critic_lib.first_layer_factor(critic_params)))
-        else:
-          h_gen = critic_lib.first_layer(
-              critic_params, jnp.concatenate(list(rows.values())))
-        d_gen, _ = _critic_head(config, critic_params, critic_stats, k_gen)(
-            h_gen)
-        terms["gen"] = losses.wgan_generator_loss(d_fake=d_gen)
-        total = total + loss_cfg.g_rate * terms["gen"]
-      elif adversarial == "edge_likelihood":
-        terms["gen"] = sum(
-            losses.edge_likelihood_loss(
-                generated_rows=constrain_rows(
-                    out.feat_user[m][users] @ out.feat_item[m].T),
-                interactions=interactions) for m in shapes.modalities)
-        total = total + loss_cfg.g_rate * terms["gen"]
-      terms["loss"] = total
-      feats = ({m: out.feat_user[m][users] for m in shapes.modalities},
-               out.feat_item)
-      return total, (terms, jax.lax.stop_gradient((rows, feats)))
-
-    (_, (terms, (rows, feats))), grads = jax.value_and_grad(
-        rec_loss, has_aux=True)(rec_params)
-    updates, opt_state = tx.update(grads, state.opt_state, rec_params)
-    params = optax.apply_updates(rec_params, updates)
-    metrics.update(terms)
-
-    # The top-k refresh reads the second forward's generated rows (§4.4);
-    # without whole rows at hand it is computed only where it is used.
-    if topk_score == "cosine":
-      top = top_items_fn(feats[0], {m: losses.l2_normalize(q)
-                                    for m, q in feats[1].items()}, lists)
-    else:
-      top = None if rows is not None else top_items_fn(*feats, lists)
-    if gu.schedule == "reference":
-      graphs, buffer = reference_graph_update(
-          state.modality_graphs, state.graph_buffer, rows, users, batch_idx,
-          k=k, period=gu.T, pairing=gu.pairing, n_users=n_users,
-          n_items=n_items, top_items=top)
-    else:
-      graphs, buffer = persistent_graph_update(
-          state.modality_graphs, state.graph_buffer, rows, users, state.step,
-          k=k, period=gu.T, n_items=n_items, top_items=top)
-    new_state = TrainState(
-        step=state.step + 1, rng=rng, params=params, opt_state=opt_state,
-        critic_params=critic_params, critic_opt_state=critic_opt_state,
-        critic_stats=critic_stats, modality_graphs=graphs,
-        graph_buffer=buffer)
-    return new_state, metrics
-
-  if not jit:
-    return step
-  return jit_step(step)
+# ----------------------------------------------------------------------------
+# The initial state
 
 
-def make_lightgcn_step(config: ml_collections.ConfigDict, shapes: Shapes, *,
-                       batch_constraint: Callable | None = None,
-                       jit: bool = True) -> Callable:
-  """LightGCN: BPR + L2 on the batch's ego embeddings, Adam.
-
-  batch_constraint and jit as in `make_mmssl_step`.
-  """
-  tx = make_optimizer(config.optim)
-  batch_size, n_items = config.train.batch_size, shapes.n_items
-  n_layers = config.model.lightgcn_layers
-  constrain = batch_constraint or (lambda x: x)
-
-  def step(state: TrainState, batch_idx, inputs: StepInputs):
-    del batch_idx
-    rng, k_sample = jax.random.split(state.rng)
-    users, pos, neg = map(constrain, sampler_lib.sample_batch(
-        k_sample, inputs.sampler, batch_size=batch_size, n_items=n_items))
-
-    def loss_fn(params):
-      user, item = model_lib.lightgcn_forward(params, inputs.graph, n_layers)
-      bpr = losses.bpr_loss(user_emb=user[users], pos_emb=item[pos],
-                            neg_emb=item[neg])
-      reg = losses.embedding_l2(
-          user_emb=params["user_id_embedding"][users],
-          pos_emb=params["item_id_embedding"][pos],
-          neg_emb=params["item_id_embedding"][neg],
-          decay=config.loss.emb_decay, batch_size=batch_size)
-      return bpr + reg, {"bpr": bpr, "emb_l2": reg, "loss": bpr + reg}
-
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return state._replace(step=state.step + 1, rng=rng, params=params,
-                          opt_state=opt_state), terms
-
-  if not jit:
-    return step
-  return jit_step(step)
-
-
-def init_state(config: ml_collections.ConfigDict, shapes: Shapes,
+def init_state(config: ml_collections.ConfigDict, cfg: StepConfig,
                modality_dims: dict[str, int], key) -> TrainState:
   """Initial train state (parameters with the released initialisations)."""
   k_params, k_critic, k_rng = jax.random.split(key, 3)
-  if config.model.name == "lightgcn":
+  shapes = cfg.shapes
+  if cfg.model_name == "lightgcn":
     params = model_lib.init_embeddings(k_params, shapes.n_users,
-                                       shapes.n_items, config.model.embed_size)
+                                       shapes.n_items, cfg.model.embed_size)
     return TrainState(jnp.zeros((), jnp.int32), k_rng, params,
-                      make_optimizer(config.optim).init(params), None, None,
+                      make_optimizer(cfg.optim).init(params), None, None,
                       None, {}, None)
-  hp = model_lib.ModelHParams.from_config(config.model)
   params = model_lib.init_params(
       k_params, n_users=shapes.n_users, n_items=shapes.n_items,
-      modality_dims=modality_dims, hp=hp)
+      modality_dims=modality_dims, hp=cfg.model)
   critic_params = critic_opt_state = critic_stats = None
-  if config.loss.adversarial == "wgan":
+  if cfg.loss.adversarial == "wgan":
     critic_params = critic_lib.init_critic(
-        k_critic, shapes.n_items, kind=config.critic.get("kind", "dense"),
-        rank=config.critic.get("rank", 64),
-        hidden=tuple(config.critic.hidden) or None,
-        batch_norm=config.critic.batch_norm)
+        k_critic, shapes.n_items, kind=cfg.critic_kind,
+        rank=config.critic.rank, hidden=tuple(config.critic.hidden) or None,
+        batch_norm=cfg.critic.batch_norm)
     critic_stats = critic_lib.init_critic_batch_stats(critic_params)
-    critic_opt_state = make_critic_optimizer(config.critic).init(critic_params)
-  if config.graph_update.schedule == "persistent":
-    k = topk_k(config, shapes.n_items)
-    cap = shapes.n_users * k
-    buffer = state_lib.empty_table(shapes.modalities, shapes.n_users, k)
-  else:
-    # k = 0 (Baby settings) never appends; a one-slot buffer keeps every
-    # state leaf non-empty (orbax cannot save zero-size arrays).
-    cap = max(buffer_capacity(config, shapes.n_items), 1)
-    buffer = state_lib.empty_buffer(shapes.modalities, cap)
-  # Until its first regeneration G^m is the base graph, which the forward
-  # reads from the step inputs (`modality_graph_is_base`): the state holds
-  # only what a regeneration can produce, not an n_train-edge copy.
-  graphs = {m: graph_lib.empty_graph(cap, shapes.n_users, shapes.n_items)
-            for m in shapes.modalities}
+    critic_opt_state = make_optimizer(cfg.critic_optim).init(critic_params)
+  graphs, buffer = modality_graphs.init_graphs(
+      cfg.graphs, shapes.modalities, shapes.n_users, shapes.n_items,
+      cfg.batch_size)
   return TrainState(
       step=jnp.zeros((), jnp.int32), rng=k_rng, params=params,
-      opt_state=make_optimizer(config.optim).init(params),
+      opt_state=make_optimizer(cfg.optim).init(params),
       critic_params=critic_params, critic_opt_state=critic_opt_state,
       critic_stats=critic_stats, modality_graphs=graphs,
       graph_buffer=buffer)

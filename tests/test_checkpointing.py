@@ -6,8 +6,8 @@ must end with bit-identical train states (every leaf) and metrics.jsonl
 records (minus timing fields). Same-seed runs are bit-identical and a
 different seed gives a different run.
 
-All runs share one compiled step (the step is a pure function of the config
-and shapes; `make_mmssl_step` is memoised here).
+All runs share one compiled step (the step is a pure function of its
+`steps.StepConfig`; `steps.make_step` is memoised here).
 """
 
 import json
@@ -21,9 +21,14 @@ import pytest
 
 import helpers
 from mmssl_jax import checkpointing
+from mmssl_jax import state as state_lib
 from mmssl_jax import steps
 from mmssl_jax import train
 from mmssl_jax.checkpointing import CheckpointMeta
+from mmssl_jax import workdir as workdir_lib
+from mmssl_jax import run as run_lib
+from mmssl_jax import restore
+from mmssl_jax import preemption
 
 EPOCHS = 3
 
@@ -35,17 +40,13 @@ class StepHooks:
     self.signal_after = {}  # global step index -> signal number
     self.nan_at = None  # (global step index, names of the terms to spoil)
     self._cache = {}
-    self._real = steps.make_mmssl_step
+    self._real = steps.make_step
 
-  def make(self, config, shapes):
-    # The config sections the step reads (not the seed, epochs, eval, ...).
-    key = (json.dumps({s: config[s].to_dict() for s in (
-        "model", "loss", "critic", "graph_update", "optim")}, sort_keys=True,
-                      default=str),
-           config.train.batch_size, config.train.generator_block, shapes)
-    if key not in self._cache:
-      self._cache[key] = self._real(config, shapes)
-    compiled = self._cache[key]
+  def make(self, cfg, **shardings):
+    assert not shardings  # one-device runs only
+    if cfg not in self._cache:
+      self._cache[cfg] = self._real(cfg)
+    compiled = self._cache[cfg]
 
     def step(state, batch_idx, inputs):
       index = int(state.step)
@@ -64,7 +65,7 @@ class StepHooks:
 def hooks_fixture():
   hooks = StepHooks()
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(steps, "make_mmssl_step", hooks.make)
+    mp.setattr(steps, "make_step", hooks.make)
     yield hooks
 
 
@@ -81,15 +82,15 @@ def _config(**overrides):
 def records(workdir):
   """metrics.jsonl records without the wall-time fields."""
   out = []
-  for r in checkpointing.read_records(os.path.join(workdir,
-                                                   train.METRICS_FILE)):
+  for r in workdir_lib.read_records(os.path.join(workdir,
+                                                   workdir_lib.METRICS_FILE)):
     out.append({k: v for k, v in r.items()
-                if k not in checkpointing.TIMING_FIELDS})
+                if k not in workdir_lib.TIMING_FIELDS})
   return out
 
 
 def final_state(workdir):
-  return checkpointing.restore_run(str(workdir), which="latest").state
+  return restore.restore_run(str(workdir), which="latest").state
 
 
 def assert_states_equal(a, b):
@@ -97,7 +98,7 @@ def assert_states_equal(a, b):
   leaves_b = jax.tree_util.tree_flatten_with_path(b)[0]
   assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
   for (path, x), (_, y) in zip(leaves_a, leaves_b):
-    if checkpointing._is_key(x):  # pylint: disable=protected-access
+    if state_lib.is_prng_key(x):
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                   err_msg=jax.tree_util.keystr(path))
@@ -108,7 +109,7 @@ def run_until_stopped(hooks, config, workdir, signal_after):
   returns the Preempted raised."""
   hooks.signal_after = dict(signal_after)
   try:
-    with pytest.raises(checkpointing.Preempted) as info:
+    with pytest.raises(preemption.Preempted) as info:
       train.train_and_evaluate(config, str(workdir))
   finally:
     hooks.signal_after = {}
@@ -121,7 +122,7 @@ def reference_fixture(hooks, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference")
   result = train.train_and_evaluate(_config(), str(workdir))
   assert result["epochs"] == EPOCHS
-  spe = train.Run(_config(), train.load_dataset(_config().data)
+  spe = run_lib.Run(_config(), run_lib.load_dataset(_config().data)
                   ).steps_per_epoch
   return workdir, records(workdir), final_state(workdir), spe
 
@@ -133,7 +134,7 @@ def reference_fixture(hooks, tmp_path_factory):
 @pytest.mark.parametrize("arg", [None, "model=lightgcn", "variant=wo_asl"])
 def test_state_round_trip_keeps_structure_values_and_key_type(tmp_path, arg):
   config = helpers.load_config("test", arg)
-  run = train.Run(config, train.load_dataset(config.data))
+  run = run_lib.Run(config, run_lib.load_dataset(config.data))
   state = run.init_state()
   if arg == "model=lightgcn":
     assert state.critic_params is None and state.graph_buffer is None
@@ -143,7 +144,7 @@ def test_state_round_trip_keeps_structure_values_and_key_type(tmp_path, arg):
   with checkpointing.CheckpointStore(str(tmp_path / "ck")) as store:
     store.save(state, meta)
     config.seed = 99  # a different target: values must come from the file
-    target = train.Run(config, train.load_dataset(config.data)).init_state()
+    target = run_lib.Run(config, run_lib.load_dataset(config.data)).init_state()
     restored, restored_meta = store.restore(5, target)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   assert restored.rng.dtype == state.rng.dtype  # a typed key again
@@ -154,15 +155,15 @@ def test_state_round_trip_keeps_structure_values_and_key_type(tmp_path, arg):
 
 def test_restore_into_another_structure_names_the_difference(tmp_path):
   config = helpers.load_config("test", "variant=wo_asl")
-  state = train.Run(config, train.load_dataset(config.data)).init_state()
+  state = run_lib.Run(config, run_lib.load_dataset(config.data)).init_state()
   meta = CheckpointMeta(step=1, epoch=0, batch=1, epoch_terms={},
                         train_seconds=0.0, bad_evals=0, best={},
                         last_record=None)
   with checkpointing.CheckpointStore(str(tmp_path / "ck")) as store:
     store.save(state, meta)
     config.model.embed_size = 32
-    other = train.Run(config, train.load_dataset(config.data)).init_state()
-    with pytest.raises(checkpointing.ConfigMismatchError,
+    other = run_lib.Run(config, run_lib.load_dataset(config.data)).init_state()
+    with pytest.raises(workdir_lib.ConfigMismatchError,
                        match="do not match.*embedding"):
       store.restore(1, other)
 
@@ -186,7 +187,7 @@ def test_store_keeps_last_n_plus_best_across_reopen(tmp_path):
     store.save(state, meta(6))
     assert store.all_steps() == [2, 5, 6]  # the best survives a reopen
     assert store.best_step() == 2
-  assert checkpointing.checkpoint_steps(str(tmp_path)) == []  # not a workdir
+  assert workdir_lib.checkpoint_steps(str(tmp_path)) == []  # not a workdir
   assert sorted(os.listdir(directory)) == ["2", "5", "6"]  # no temp folders
 
 
@@ -209,9 +210,9 @@ def test_reference_run_writes_checkpoints_and_best(reference):
   workdir, recs, _, spe = reference
   assert [r["epoch"] for r in recs[:-1]] == list(range(EPOCHS))
   assert recs[-1]["final"] is True
-  kept = checkpointing.checkpoint_steps(str(workdir))
+  kept = workdir_lib.checkpoint_steps(str(workdir))
   assert kept[-1] == EPOCHS * spe
-  best = checkpointing.restore_best(str(workdir))
+  best = restore.restore_best(str(workdir))
   assert best.step == (recs[-1]["best_epoch"] + 1) * spe
   assert best.meta.best["epoch"] == recs[-1]["best_epoch"]
   # The best checkpoint reproduces the reported validation metrics.
@@ -226,13 +227,13 @@ def test_interrupted_and_resumed_run_is_bit_identical(hooks, reference,
   ref_dir, ref_records, ref_state, spe = reference
   workdir = tmp_path / "run"
   config = _config()
-  metrics_path = workdir / train.METRICS_FILE
+  metrics_path = workdir / workdir_lib.METRICS_FILE
   if case in ("after_epoch_0", "stale_records", "lost_record"):
     # Signal during the last step of epoch 0: the epoch is finished,
     # evaluated and checkpointed, then the run stops.
     stop = run_until_stopped(hooks, config, workdir, {spe - 1: signal.SIGTERM})
     assert f"step {spe} (end of epoch 0)" in str(stop)
-    assert checkpointing.checkpoint_steps(str(workdir))[-1] == spe
+    assert workdir_lib.checkpoint_steps(str(workdir))[-1] == spe
     if case == "stale_records":
       # A crash after logging an epoch the checkpoint does not hold.
       with open(metrics_path, "a") as f:
@@ -246,7 +247,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(hooks, reference,
                              {spe + 4: signal.SIGINT})
     assert stop.exit_code == 130 and "SIGINT" in str(stop)
     assert f"step {spe + 5} (epoch 1, batch 5 of {spe})" in str(stop)
-    assert checkpointing.checkpoint_steps(str(workdir))[-1] == spe + 5
+    assert workdir_lib.checkpoint_steps(str(workdir))[-1] == spe + 5
   elif case == "extended":
     # A run complete at 1 epoch (final record), then given EPOCHS.
     short = train.train_and_evaluate(_config(**{"train.epochs": 1}),
@@ -255,18 +256,18 @@ def test_interrupted_and_resumed_run_is_bit_identical(hooks, reference,
     assert [r.get("final", False) for r in records(workdir)] == [False, True]
   else:  # twice: mid-epoch 0, then mid-epoch 2
     run_until_stopped(hooks, config, workdir, {2: signal.SIGTERM})
-    assert checkpointing.checkpoint_steps(str(workdir)) == [3]
-    assert checkpointing.read_records(str(metrics_path)) == []
+    assert workdir_lib.checkpoint_steps(str(workdir)) == [3]
+    assert workdir_lib.read_records(str(metrics_path)) == []
     run_until_stopped(hooks, config, workdir, {2 * spe + 7: signal.SIGTERM})
-    assert checkpointing.checkpoint_steps(str(workdir))[-1] == 2 * spe + 8
+    assert workdir_lib.checkpoint_steps(str(workdir))[-1] == 2 * spe + 8
   result = train.train_and_evaluate(config, str(workdir))
   assert records(workdir) == ref_records
   assert result == ref_records[-1]
   assert_states_equal(final_state(workdir), ref_state)
-  ref_steps = checkpointing.checkpoint_steps(str(ref_dir))
-  assert checkpointing.checkpoint_steps(str(workdir))[-1] == ref_steps[-1]
-  assert (checkpointing.restore_best(str(workdir)).step
-          == checkpointing.restore_best(str(ref_dir)).step)
+  ref_steps = workdir_lib.checkpoint_steps(str(ref_dir))
+  assert workdir_lib.checkpoint_steps(str(workdir))[-1] == ref_steps[-1]
+  assert (restore.restore_best(str(workdir)).step
+          == restore.restore_best(str(ref_dir)).step)
 
 
 def test_same_seed_is_bit_identical_and_another_seed_differs(
@@ -293,11 +294,11 @@ def test_a_second_process_on_a_busy_workdir_stops_at_once(tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
   workdir.mkdir()
-  lock = checkpointing.WorkdirLock(str(workdir))
+  lock = workdir_lib.WorkdirLock(str(workdir))
   lock.acquire()
   try:
-    with pytest.raises(checkpointing.WorkdirBusyError):
-      checkpointing.WorkdirLock(str(workdir)).acquire()  # another open file
+    with pytest.raises(workdir_lib.WorkdirBusyError):
+      workdir_lib.WorkdirLock(str(workdir)).acquire()  # another open file
     proc = subprocess.run(
         [sys.executable, "-m", "mmssl_jax.main", "--config=configs/test.py",
          "--config.train.epochs=1", f"--workdir={workdir}"],
@@ -309,6 +310,6 @@ def test_a_second_process_on_a_busy_workdir_stops_at_once(tmp_path):
   assert last.startswith("error:") and "another process is training" in last
   assert str(workdir) in last and "Traceback" not in proc.stderr
   assert list(workdir.iterdir()) == []
-  again = checkpointing.WorkdirLock(str(workdir))
+  again = workdir_lib.WorkdirLock(str(workdir))
   again.acquire()
   again.release()

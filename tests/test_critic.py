@@ -119,8 +119,9 @@ def test_identity_activation_equals_linear_batchnorm_composition():
   params = _perturbed_params(0)
   stats = _random_stats(1, params)
   x = _rows(2, 32)
+  no_dropout = critic.CriticHParams(dropout=(0.0, 0.0))
   scores, _ = jax.jit(lambda p, s, x: critic.dense_critic_apply(
-      p, s, x, key=jax.random.key(0), dropout=(0.0, 0.0)))(params, stats, x)
+      p, s, x, key=jax.random.key(0), hp=no_dropout))(params, stats, x)
   want, _ = _np_critic(params, stats, x, slope=1.0, batch_norm=True, train=True,
                        sigmoid_output=True)
   assert scores.shape == (32,) and scores.dtype == jnp.float32
@@ -128,7 +129,7 @@ def test_identity_activation_equals_linear_batchnorm_composition():
   # Slope 1 really is the identity: no key is needed without dropout, and the
   # running statistics play no part in train mode.
   again, _ = critic.dense_critic_apply(
-      params, critic.init_critic_batch_stats(params), x, dropout=(0.0, 0.0))
+      params, critic.init_critic_batch_stats(params), x, hp=no_dropout)
   np.testing.assert_allclose(again, scores, rtol=1e-6)
 
 
@@ -136,7 +137,8 @@ def test_running_stats_update_matches_torch_formula():
   params = _perturbed_params(3)
   stats = _random_stats(4, params)
   x = _rows(5, 10)
-  _, new_stats = critic.dense_critic_apply(params, stats, x, dropout=(0.0, 0.0))
+  _, new_stats = critic.dense_critic_apply(params, stats, x,
+      hp=critic.CriticHParams(dropout=(0.0, 0.0)))
   _, bn_inputs = _np_critic(params, stats, x, slope=1.0, batch_norm=True,
                             train=True, sigmoid_output=True)
   for layer, h in enumerate(bn_inputs):
@@ -155,7 +157,7 @@ def test_eval_mode_uses_running_stats_and_no_dropout():
   stats = _random_stats(7, params)
   x = _rows(8, 12)
   apply = lambda key: critic.dense_critic_apply(params, stats, x, key=key,
-                                                train=False)
+      hp=critic.CriticHParams(train=False))
   scores, new_stats = apply(jax.random.key(0))
   want, _ = _np_critic(params, stats, x, slope=1.0, batch_norm=True,
                        train=False, sigmoid_output=True)
@@ -164,7 +166,8 @@ def test_eval_mode_uses_running_stats_and_no_dropout():
   np.testing.assert_allclose(apply(None)[0], scores, rtol=1e-6)
   jax.tree.map(np.testing.assert_array_equal, new_stats, stats)
   # One row is fine in eval mode (torch refuses it only in train mode).
-  one, _ = critic.dense_critic_apply(params, stats, x[:1], train=False)
+  one, _ = critic.dense_critic_apply(params, stats, x[:1],
+      hp=critic.CriticHParams(train=False))
   np.testing.assert_allclose(one, scores[:1], rtol=1e-5)
 
 
@@ -173,8 +176,9 @@ def test_paper_critic_leaky_relu_without_batch_norm_raw_output():
   stats = critic.init_critic_batch_stats(params)
   x = _rows(10, 9)
   scores, new_stats = critic.dense_critic_apply(
-      params, stats, x, negative_slope=0.2, batch_norm=False,
-      sigmoid_output=False, train=False)
+      params, stats, x, hp=critic.CriticHParams(
+          negative_slope=0.2, batch_norm=False, sigmoid_output=False,
+          train=False))
   want, _ = _np_critic(params, stats, x, slope=0.2, batch_norm=False,
                        train=False, sigmoid_output=False)
   np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-5)
@@ -182,7 +186,7 @@ def test_paper_critic_leaky_relu_without_batch_norm_raw_output():
   # batch_norm=False leaves whatever stats it was given untouched.
   bn_stats = _random_stats(11, _perturbed_params(11))
   _, same = critic.dense_critic_apply(_perturbed_params(11), bn_stats, x,
-                                      batch_norm=False, dropout=(0.0, 0.0))
+      hp=critic.CriticHParams(batch_norm=False, dropout=(0.0, 0.0)))
   jax.tree.map(np.testing.assert_array_equal, same, bn_stats)
 
 
@@ -210,9 +214,10 @@ def _probe_params(h1, h2, unit_layer):
 def test_dropout_rate_and_inverted_scaling(unit_layer, rates):
   params = _probe_params(4, 3, unit_layer)
   x = jnp.full((20000, 8), 1.0 / 8)
+  hp = critic.CriticHParams(batch_norm=False, dropout=rates,
+                            sigmoid_output=False)
   apply = jax.jit(lambda key: critic.dense_critic_apply(
-      params, {}, x, key=key, batch_norm=False, dropout=rates,
-      sigmoid_output=False)[0])
+      params, {}, x, key=key, hp=hp)[0])
   z = np.asarray(apply(jax.random.key(0)))
   rate = rates[unit_layer]
   dropped = np.isclose(z, 0.0)
@@ -236,7 +241,7 @@ def test_forward_casts_input_and_rejects_bad_calls():
     critic.dense_critic_apply(params, stats, x[:1], key=jax.random.key(0))
   with pytest.raises(ValueError, match="hidden layers"):
     critic.dense_critic_apply(params, stats, x, key=jax.random.key(0),
-                              dropout=(0.1, 0.1, 0.1))
+        hp=critic.CriticHParams(dropout=(0.1, 0.1, 0.1)))
 
 
 # --- gradient penalty ------------------------------------------------------
@@ -289,8 +294,8 @@ def test_gradient_penalty_uses_gradient_of_sum_under_batch_norm():
   params = _perturbed_params(19)
   stats = critic.init_critic_batch_stats(params)
   real, fake = _rows(20, 16), _rows(21, 16)
-  critic_fn = lambda p: lambda x: critic.dense_critic_apply(
-      p, stats, x, dropout=(0.0, 0.0), sigmoid_output=False)[0]
+  critic_fn = lambda p: lambda x: critic.dense_critic_apply(p, stats, x,
+      hp=critic.CriticHParams(dropout=(0.0, 0.0), sigmoid_output=False))[0]
   gp = jax.jit(lambda p: critic.gradient_penalty(
       critic_fn(p), real, fake, key=jax.random.key(5)))(params)
   np.testing.assert_allclose(gp, 1.0, atol=1e-4)

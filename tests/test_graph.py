@@ -11,6 +11,7 @@ import pytest
 
 import helpers
 from mmssl_jax import graph as graph_lib
+from mmssl_jax import generator
 
 U, I, D = 11, 13, 6
 ATOL = 1e-5
@@ -204,7 +205,7 @@ def test_dense_rows_from_padded_lists():
     for i in row:
       if i >= 0:
         want[b, i] = 1.0
-  got = graph_lib.dense_rows(jnp.asarray(lists), 6)
+  got = generator.dense_rows(jnp.asarray(lists), 6)
   assert got.shape == (4, 6) and got.dtype == jnp.float32
   np.testing.assert_array_equal(got, want)
 
@@ -222,7 +223,7 @@ def test_generated_rows_match_dense(block_size):
   rng = np.random.default_rng(19)
   r = (rng.random((b, n_items)) < 0.3).astype(np.float32)
   r[3] = 1.0  # every entry of row 3 is masked
-  got = jax.jit(lambda p, q, r: graph_lib.generated_rows(
+  got = jax.jit(lambda p, q, r: generator.generated_rows(
       p, q, r, block_size=block_size))(jnp.asarray(p), jnp.asarray(q),
                                        jnp.asarray(r))
   got = np.asarray(got)
@@ -241,7 +242,7 @@ def test_generated_rows_all_masked_row_has_finite_gradient():
   r = jnp.zeros((3, 10)).at[1].set(1.0)
   w = jnp.asarray(_x(22, 3, 10))
   grads = jax.jit(jax.grad(
-      lambda p, q: jnp.sum(w * graph_lib.generated_rows(p, q, r, block_size=4)),
+      lambda p, q: jnp.sum(w * generator.generated_rows(p, q, r, block_size=4)),
       argnums=(0, 1)))(p, q)
   assert helpers.tree_all_finite(grads)
   # Nothing reaches the all-masked user's representation.
@@ -351,12 +352,12 @@ def test_generated_rows_projection_equals_dense_rows_times_factor(slack):
   and U; with and without compacting the positives (capacity = exactly
   the number of positives, or with padding)."""
   p, q, f, lists = _lists_problem(0)
-  dense = graph_lib.dense_rows(lists, q.shape[0])
+  dense = generator.dense_rows(lists, q.shape[0])
   n_pos = int(jnp.sum(lists >= 0))
   capacity = None if slack is None else n_pos + slack
-  positives = graph_lib.batch_positives(lists, capacity)
-  got = lambda p, q, f: graph_lib.generated_rows_projection(p, q, positives, f)
-  want = lambda p, q, f: graph_lib.generated_rows(p, q, dense,
+  positives = generator.batch_positives(lists, capacity)
+  got = lambda p, q, f: generator.generated_rows_projection(p, q, positives, f)
+  want = lambda p, q, f: generator.generated_rows(p, q, dense,
                                                   block_size=0) @ f
   np.testing.assert_allclose(got(p, q, f), want(p, q, f), rtol=1e-5,
                              atol=1e-6)
@@ -370,7 +371,7 @@ def test_generated_rows_projection_equals_dense_rows_times_factor(slack):
 def test_batch_positives_compaction_keeps_every_pair_once():
   _, _, _, lists = _lists_problem(1)
   n_pos = int(jnp.sum(lists >= 0))
-  pos = graph_lib.batch_positives(lists, n_pos + 3)
+  pos = generator.batch_positives(lists, n_pos + 3)
   assert pos.rows.shape == (n_pos + 3,) and int(jnp.sum(pos.valid)) == n_pos
   got = sorted(zip(np.asarray(pos.rows)[np.asarray(pos.valid)].tolist(),
                    np.asarray(pos.items)[np.asarray(pos.valid)].tolist()))

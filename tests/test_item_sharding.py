@@ -59,7 +59,7 @@ def _steps(out):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
-  from mmssl_jax import train  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from mmssl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
   for case, arg, overrides, evaluate in CASES:
@@ -67,7 +67,7 @@ def _steps(out):
     ds = synthetic.make_synthetic(config.data.synthetic)
     for data, item in MESHES:
       mesh = parallel.make_mesh(n_devices=data, item_devices=item)
-      run = parallel.shard_run(train.Run(config, ds), mesh)
+      run = run_lib.Run(config, ds, mesh)
       prefix = f"{case}/{data}x{item}/"
       state = run.init_state()
       if item > 1:
@@ -146,6 +146,7 @@ def _evaluator(out):
 def _errors(out, workdir):
   """Sizes the item axis cannot split: messages of the errors raised."""
   from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from mmssl_jax import train  # pylint: disable=g-import-not-at-top
 
   config = _config(overrides={"train.data_parallel": 2,
@@ -153,7 +154,7 @@ def _errors(out, workdir):
   try:
     train.train_and_evaluate(config, str(workdir))
     out["error/items"] = np.asarray("no error")
-  except train.ConfigError as e:
+  except run_lib.ConfigError as e:
     out["error/items"] = np.asarray(str(e))
   out["error/workdir_untouched"] = np.asarray(not Path(workdir).exists())
   config = _config(overrides={"train.item_parallel": 2,

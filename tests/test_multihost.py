@@ -50,7 +50,7 @@ import numpy as np
 import pytest
 
 import helpers
-from mmssl_jax import checkpointing
+from mmssl_jax import workdir as workdir_lib
 
 REPO = helpers.REPO_ROOT
 LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
@@ -61,25 +61,23 @@ TIMEOUT_S = 240
 FLAGS = ["--config=configs/test.py", "--config.train.data_parallel=0"]
 
 # Runs main with process 1 sending itself SIGTERM after STOP_AFTER steps
-# (the sharded step is wrapped; nothing else changes).
+# (the step is wrapped; nothing else changes).
 PREEMPT_ONE = f"""
 import os, signal
 import jax
 from absl import app
-from mmssl_jax import main, parallel
-real_shard_run = parallel.shard_run
-def shard_run(run, mesh):
-  real_shard_run(run, mesh)
-  step, calls = run.step, [0]
+from mmssl_jax import main, steps
+real_make_step = steps.make_step
+def make_step(cfg, **shardings):
+  step, calls = real_make_step(cfg, **shardings), [0]
   def hooked(*args):
     out = step(*args)
     calls[0] += 1
     if calls[0] == {STOP_AFTER} and jax.process_index() == 1:
       os.kill(os.getpid(), signal.SIGTERM)
     return out
-  run.step = hooked
-  return run
-parallel.shard_run = shard_run
+  return hooked
+steps.make_step = make_step
 app.run(main.main)
 """
 
@@ -160,12 +158,12 @@ def _wait_two(launch) -> list[tuple[int, str]]:
 
 
 def _records(workdir):
-  return checkpointing.read_records(os.path.join(workdir,
-                                                 checkpointing.METRICS_FILE))
+  return workdir_lib.read_records(os.path.join(workdir,
+                                                 workdir_lib.METRICS_FILE))
 
 
 def _strip_timing(records):
-  return [{k: v for k, v in r.items() if k not in checkpointing.TIMING_FIELDS}
+  return [{k: v for k, v in r.items() if k not in workdir_lib.TIMING_FIELDS}
           for r in records]
 
 
@@ -183,7 +181,7 @@ def runs_fixture(tmp_path_factory):
   status, log = _wait(single)
   assert status == 0, log[-3000:]
   records_after_preemption = _records(workdir)
-  steps_after_preemption = checkpointing.checkpoint_steps(workdir)
+  steps_after_preemption = workdir_lib.checkpoint_steps(workdir)
   resumed = _wait_two(_launch_two(workdir, tmp, "resumed"))
   for i, (status, log) in enumerate(resumed):
     assert status == 0, f"process {i}:\n{log[-3000:]}"
@@ -211,8 +209,8 @@ def test_two_processes_equal_one_process_of_as_many_devices(runs):
   assert [r.get("epoch") for r in two] == [0, 1, None] and two[-1]["final"]
   assert len(one) == len(two)
   for a, b in zip(_strip_timing(one), _strip_timing(two)):
-    flat_a = checkpointing._flatten(a)  # pylint: disable=protected-access
-    flat_b = checkpointing._flatten(b)  # pylint: disable=protected-access
+    flat_a = workdir_lib._flatten(a)  # pylint: disable=protected-access
+    flat_b = workdir_lib._flatten(b)  # pylint: disable=protected-access
     assert flat_a.keys() == flat_b.keys()
     assert "train/gen" in flat_a or a.get("final")
     for k, v in flat_a.items():
@@ -227,7 +225,7 @@ def test_only_process_0_writes(runs):
   assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json",
                                          "metrics.jsonl"]
   assert [r.get("epoch") for r in _records(workdir)] == [0, 1, None]
-  assert checkpointing.checkpoint_steps(workdir)[-1] == 2 * STEPS_PER_EPOCH
+  assert workdir_lib.checkpoint_steps(workdir)[-1] == 2 * STEPS_PER_EPOCH
   (_, log0), (_, log1) = runs["resumed"]
   assert "epoch   1 |" in log0 and "best validation epoch" in log0
   assert "epoch " not in log1 and "best validation" not in log1, log1[-2000:]

@@ -14,9 +14,11 @@ from mmssl_jax import config_lib
 from mmssl_jax import graph as graph_lib
 from mmssl_jax import losses
 from mmssl_jax import model as model_lib
-from mmssl_jax import state as state_lib
 from mmssl_jax import steps
 from mmssl_jax import train
+from mmssl_jax import run as run_lib
+from mmssl_jax import modality_graphs
+from mmssl_jax import generator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -56,7 +58,7 @@ def test_attention_weights_sum_to_one_and_depend_on_each_modality():
 
 
 def _forward_outputs(config, ds, graphs=None):
-  run = train.Run(config, ds)
+  run = run_lib.Run(config, ds)
   state = run.init_state()
   hp = model_lib.ModelHParams.from_config(config.model)
   out = model_lib.forward(state.params, run.inputs.graph, run.inputs.features,
@@ -71,7 +73,7 @@ def test_fusion_switch_changes_only_the_fused_modality_term():
   ref = _config()
   att = _config()
   att.model.fusion = "attention"
-  ds = train.load_dataset(ref.data)
+  ds = run_lib.load_dataset(ref.data)
   _, _, out_ref = _forward_outputs(ref, ds)
   _, _, out_att = _forward_outputs(att, ds)
   # Same seed: the ID embeddings and projections are initialised alike, so
@@ -90,17 +92,17 @@ def test_topk_table_holds_the_top_k_of_each_batch_row_without_positives():
   scores = rng.normal(size=(2, n_items)).astype(np.float32)
   interactions = np.zeros((2, n_items), np.float32)
   interactions[0, np.argsort(-scores[0])[:2]] = 1.0  # hide two best items
-  rows = graph_lib.generated_rows(jnp.asarray(scores), jnp.eye(n_items),
+  rows = generator.generated_rows(jnp.asarray(scores), jnp.eye(n_items),
                                   jnp.asarray(interactions))
   users = jnp.array([4, 1])
   base = graph_lib.build_graph(np.array([0, 1]), np.array([0, 1]), n_users,
                                n_items, norm="one_sided")
   graphs = helpers.initial_modality_graphs(base, ["image"], n_users * k,
                                              n_users, n_items)
-  table = state_lib.empty_table(["image"], n_users, k)
-  graphs, table = steps.persistent_graph_update(
-      graphs, table, {"image": rows}, users, jnp.int32(0), k=k, period=1,
-      n_items=n_items)
+  table = modality_graphs.empty_table(["image"], n_users, k)
+  graphs, table = modality_graphs.persistent_update(
+      graphs, table, modality_graphs.top_items_of_rows({"image": rows}, k),
+      users, jnp.int32(0), period=1, n_items=n_items)
   for b, u in enumerate([4, 1]):
     masked = np.where(interactions[b] > 0, 0.0, scores[b])
     expected = set(np.argsort(-masked)[:k])
@@ -129,17 +131,17 @@ def test_persistent_graph_keeps_rows_across_refreshes():
                                norm="one_sided")
   graphs = helpers.initial_modality_graphs(base, ["t"], n_users * k,
                                              n_users, n_items)
-  table = state_lib.empty_table(["t"], n_users, k)
+  table = modality_graphs.empty_table(["t"], n_users, k)
   rows_a = jax.nn.one_hot(jnp.array([[3, 5], [1, 2]]), n_items).sum(1)
-  graphs, table = steps.persistent_graph_update(
-      graphs, table, {"t": rows_a}, jnp.array([0, 1]), jnp.int32(0), k=k,
-      period=2, n_items=n_items)
+  graphs, table = modality_graphs.persistent_update(
+      graphs, table, modality_graphs.top_items_of_rows({"t": rows_a}, k),
+      jnp.array([0, 1]), jnp.int32(0), period=2, n_items=n_items)
   # period 2: step 0 only writes the table; the graph is still the initial one.
   np.testing.assert_array_equal(graphs["t"].users[:1], [0])
   rows_b = jax.nn.one_hot(jnp.array([[6, 7]]), n_items).sum(1)
-  graphs, table = steps.persistent_graph_update(
-      graphs, table, {"t": rows_b}, jnp.array([3]), jnp.int32(1), k=k,
-      period=2, n_items=n_items)
+  graphs, table = modality_graphs.persistent_update(
+      graphs, table, modality_graphs.top_items_of_rows({"t": rows_b}, k),
+      jnp.array([3]), jnp.int32(1), period=2, n_items=n_items)
   g = graphs["t"]
   edges = {(int(u), int(i)) for u, i, w in
            zip(g.users, g.items, g.to_user_weight) if w > 0}
@@ -183,13 +185,17 @@ def test_each_critic_switch_changes_the_critic_on_a_fixed_input(switch,
   real = jax.random.uniform(jax.random.key(1), (rows // 2, n_items))
   fake = jax.random.uniform(jax.random.key(2), (rows, n_items))
   keys = tuple(jax.random.split(jax.random.key(3), 4))
-  out = [steps.critic_loss(params, cfg, stats, real, fake, 2, keys)
-         for cfg in (base, flipped)]
+  loss = lambda config: steps.critic_loss(
+      params, stats, real, fake, keys,
+      hp=critic_lib.CriticHParams.from_config(config.critic),
+      gp_weight=config.critic.gp_weight * config.critic.gp_rate,
+      n_modalities=2)
+  out = [loss(config) for config in (base, flipped)]
   (loss_a, (_, real_a, fake_a, _)), (loss_b, (_, real_b, fake_b, _)) = out
   assert not np.isclose(loss_a, loss_b, rtol=1e-4)
   assert not np.isclose(fake_a, fake_b, rtol=1e-4)
   # With the switch off again the result is reproduced exactly.
-  again = steps.critic_loss(params, base, stats, real, fake, 2, keys)[0]
+  again = loss(base)[0]
   np.testing.assert_array_equal(again, loss_a)
 
 
@@ -197,8 +203,8 @@ def test_paper_variant_runs_with_three_modalities():
   config = _config("variant=paper")
   config.data.synthetic.modality_dims = {"a": 6, "b": 5, "c": 4}
   config.data.synthetic.modality_noise = {"a": 0.3, "b": 1.0, "c": -1.0}
-  ds = train.load_dataset(config.data)
-  run = train.Run(config, ds)
+  ds = run_lib.load_dataset(config.data)
+  run = run_lib.Run(config, ds)
   state = run.init_state()
   for idx in range(3):
     state, terms = run.step(state, jnp.int32(idx), run.inputs)
@@ -218,12 +224,11 @@ def test_paper_variant_has_a_modality_graph_under_the_baby_settings():
   """The Baby settings give k = 0 (§6.2), which the persistent schedule
   cannot use; the paper variant raises the rate to 1% of the items and keeps
   a dataset's larger rate."""
-  ml100k = helpers.load_config("ml100k")
-  assert steps.topk_k(ml100k, 1682) == 0
-  paper_ml100k = helpers.load_config("ml100k", "variant=paper")
-  assert steps.topk_k(paper_ml100k, 1682) == 16
-  assert steps.topk_k(helpers.load_config("tiktok", "variant=paper"),
-                      6710) == 67
+  k = lambda config, n_items: modality_graphs.GraphSchedule.from_config(
+      config, n_items, steps_per_epoch=100).k
+  assert k(helpers.load_config("ml100k"), 1682) == 0
+  assert k(helpers.load_config("ml100k", "variant=paper"), 1682) == 16
+  assert k(helpers.load_config("tiktok", "variant=paper"), 6710) == 67
   assert helpers.load_config("sports", "variant=paper"
                              ).graph_update.m_topk_rate == 0.02
 
@@ -238,7 +243,7 @@ def test_topk_table_graph_csr_equals_the_argsort_csr(n_users, n_items, k,
   table = np.stack([rng.choice(n_items, k, replace=False)
                     for _ in range(n_users)]).astype(np.int32)
   refreshed = rng.random(n_users) < 0.6
-  table[~refreshed] = 0  # as `state.empty_table` leaves them
+  table[~refreshed] = 0  # as `modality_graphs.empty_table` leaves them
   with_csr = graph_lib.with_csr
   with monkeypatch.context() as patch:  # the argsort path is not taken
     patch.setattr(graph_lib, "with_csr", None)
@@ -271,7 +276,7 @@ def test_cosine_topk_score_changes_only_the_table(critic_kind):
     config.critic.kind = critic_kind
     config.train.generator_block = 32 if critic_kind == "lowrank" else 0
     config.graph_update.topk_score = score
-    ds = train.load_dataset(config.data)
+    ds = run_lib.load_dataset(config.data)
     run, state, out = _forward_outputs(config, ds)
     new_state, _ = run.step(state, jnp.int32(0), run.inputs)
     results[score] = (jax.device_get(new_state), out)
@@ -285,7 +290,7 @@ def test_cosine_topk_score_changes_only_the_table(critic_kind):
                                 np.flatnonzero(dot_state.graph_buffer.refreshed))
   train_r = np.zeros((ds.n_users, ds.n_items), bool)
   train_r[ds.train.users, ds.train.items] = True
-  k = steps.topk_k(config, ds.n_items)
+  k = run.step_config.graphs.k
   moved = 0
   for m in ds.modalities:
     p = np.asarray(out.feat_user[m], np.float64)[batch]
@@ -308,6 +313,6 @@ def test_cosine_topk_score_changes_only_the_table(critic_kind):
 def test_topk_score_rejects_unknown_values():
   config = _config("variant=paper")
   config.graph_update.topk_score = "angle"
-  ds = train.load_dataset(config.data)
+  ds = run_lib.load_dataset(config.data)
   with pytest.raises(ValueError, match="topk_score"):
-    train.Run(config, ds)
+    run_lib.Run(config, ds)

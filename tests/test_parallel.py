@@ -37,7 +37,7 @@ def _worker(out_path: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmssl_jax import parallel  # pylint: disable=g-import-not-at-top
-  from mmssl_jax import train  # pylint: disable=g-import-not-at-top
+  from mmssl_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from mmssl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
   assert jax.device_count() == DEVICES, jax.devices()
@@ -49,8 +49,7 @@ def _worker(out_path: str) -> None:
       config[section][name] = value
     ds = synthetic.make_synthetic(config.data.synthetic)
     for n in meshes:
-      run = parallel.shard_run(train.Run(config, ds),
-                               parallel.make_mesh(n_devices=n))
+      run = run_lib.Run(config, ds, parallel.make_mesh(n_devices=n))
       state = run.init_state()
       assert all(g.user_indptr is None  # segment_sum, no CSR custom calls
                  for g in state.modality_graphs.values())

@@ -46,7 +46,6 @@ import numpy as np
 import pytest
 
 import helpers
-from mmssl_jax import checkpointing
 from mmssl_jax import config_lib
 from mmssl_jax import export
 from mmssl_jax import main as main_lib
@@ -54,6 +53,8 @@ from mmssl_jax import recommend
 from mmssl_jax import train
 from mmssl_jax.data import formats
 from mmssl_jax.data import synthetic
+from mmssl_jax import workdir as workdir_lib
+from mmssl_jax import run as run_lib
 
 README = helpers.REPO_ROOT / "README.md"
 TIMEOUT_S = 300
@@ -219,7 +220,7 @@ class Sandbox:
     if n not in self.done:
       self.run(n)
     path = self.path(workdir)
-    assert checkpointing.checkpoint_steps(str(path)), path
+    assert workdir_lib.checkpoint_steps(str(path)), path
     return path
 
   # -- commands ---------------------------------------------------------------
@@ -340,16 +341,16 @@ class Sandbox:
         self.run(self.producing_command(data_dir))
     config, workdir = self.parse_main(args)
     path = self.path(workdir)
-    before = checkpointing.read_records(
-        str(path / checkpointing.METRICS_FILE))
+    before = workdir_lib.read_records(
+        str(path / workdir_lib.METRICS_FILE))
     complete = bool(before) and before[-1].get("final")
     with self.cwd():
       result = train.train_and_evaluate(config, workdir)
-    records = checkpointing.read_records(str(path / checkpointing.METRICS_FILE))
+    records = workdir_lib.read_records(str(path / workdir_lib.METRICS_FILE))
     assert records[-1]["final"] is True and result["final"] is True
     if complete:  # re-running a finished run returns it, trains nothing
       assert records == before
-    assert checkpointing.checkpoint_steps(str(path))
+    assert workdir_lib.checkpoint_steps(str(path))
     return result
 
   def recommend(self, argv: list[str]):
@@ -380,10 +381,10 @@ class Sandbox:
       rows = list(csv.DictReader(io.StringIO(text)))
       got = [int(r["user"]) for r in rows[::k]]
     if users is None:
-      config = checkpointing.load_config_json(str(self.path(_flag(
-          argv, "workdir")) / checkpointing.CONFIG_FILE))
+      config = workdir_lib.load_config_json(str(self.path(_flag(
+          argv, "workdir")) / workdir_lib.CONFIG_FILE))
       with self.cwd():
-        n_users = train.load_dataset(config.data).n_users
+        n_users = run_lib.load_dataset(config.data).n_users
       assert got == list(range(n_users))
     else:
       assert got == users

@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 
 import helpers
-from mmssl_jax import checkpointing
 from mmssl_jax import export
 from mmssl_jax import model as model_lib
 from mmssl_jax import recommend
 from mmssl_jax import train
+from mmssl_jax import workdir as workdir_lib
+from mmssl_jax import run as run_lib
+from mmssl_jax import restore
 from test_progress import FakeTTY, read_scalars
 
 CLI_TIMEOUT_S = 300
@@ -54,7 +56,7 @@ def trained_fixture(tmp_path_factory):
 
 @pytest.fixture(scope="module", name="restored")
 def restored_fixture(trained):
-  return checkpointing.restore_best(str(trained[0]))
+  return restore.restore_best(str(trained[0]))
 
 
 def _direct_scores(restored):
@@ -92,7 +94,7 @@ def lightgcn_run_fixture(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(sys, "stderr", tty)
     train.train_and_evaluate(config, str(workdir))
-  spe = train.Run(config, train.load_dataset(config.data)).steps_per_epoch
+  spe = run_lib.Run(config, run_lib.load_dataset(config.data)).steps_per_epoch
   return workdir, tty.getvalue(), spe
 
 
@@ -111,8 +113,8 @@ def test_progress_bar_on_a_terminal_and_tensorboard_scalars(lightgcn_run):
   assert len(events) == 1
   scalars = {tag: (step, value) for step, tag, value
              in read_scalars(events[0])}
-  record = checkpointing.read_records(
-      str(tmp_path / checkpointing.METRICS_FILE))[0]
+  record = workdir_lib.read_records(
+      str(tmp_path / workdir_lib.METRICS_FILE))[0]
   assert scalars["train/loss"] == (spe, pytest.approx(record["train/loss"]))
   assert scalars["val/recall_20"] == (spe,
                                       pytest.approx(record["val/recall@20"]))
@@ -356,7 +358,7 @@ def test_export_round_trip(trained, restored, tmp_path):
 
 def test_export_lightgcn_has_only_the_final_vectors(lightgcn_run, tmp_path):
   workdir = lightgcn_run[0]
-  restored = checkpointing.restore_best(str(workdir))
+  restored = restore.restore_best(str(workdir))
   manifest = export.export(restored, str(tmp_path / "out"),
                            workdir=str(workdir))
   assert set(manifest["files"]) == {"user_embeddings.npy",

@@ -24,6 +24,10 @@ from mmssl_jax import checkpointing
 from mmssl_jax import config_lib
 from mmssl_jax import main as main_lib
 from mmssl_jax import train
+from mmssl_jax import workdir as workdir_lib
+from mmssl_jax import run as run_lib
+from mmssl_jax import restore
+from mmssl_jax import preemption
 from test_checkpointing import hooks_fixture  # noqa: F401 (the `hooks` fixture)
 
 CLI_TIMEOUT_S = 300
@@ -50,10 +54,10 @@ def stopped_run_fixture(hooks, tmp_path_factory):
   one checkpoint); tests copy it before changing anything."""
   workdir = tmp_path_factory.mktemp("stopped") / "run"
   config = _config()
-  spe = train.Run(config, train.load_dataset(config.data)).steps_per_epoch
+  spe = run_lib.Run(config, run_lib.load_dataset(config.data)).steps_per_epoch
   hooks.signal_after = {spe - 1: signal.SIGTERM}
   try:
-    with pytest.raises(checkpointing.Preempted):
+    with pytest.raises(preemption.Preempted):
       train.train_and_evaluate(config, str(workdir))
   finally:
     hooks.signal_after = {}
@@ -90,10 +94,10 @@ def test_nan_stops_with_term_and_step_and_keeps_last_good_checkpoint(
   assert "also non-finite: loss" in message
   assert f"last good checkpoint is step {spe}" in message
   # Nothing was saved or logged after the NaN; the checkpoint is finite.
-  assert checkpointing.checkpoint_steps(str(workdir)) == [spe]
-  assert [r["epoch"] for r in checkpointing.read_records(
-      str(workdir / train.METRICS_FILE))] == [0]
-  restored = checkpointing.restore_run(str(workdir), which="latest")
+  assert workdir_lib.checkpoint_steps(str(workdir)) == [spe]
+  assert [r["epoch"] for r in workdir_lib.read_records(
+      str(workdir / workdir_lib.METRICS_FILE))] == [0]
+  restored = restore.restore_run(str(workdir), which="latest")
   assert checkpointing.first_nonfinite(restored.state) is None
 
 
@@ -105,7 +109,7 @@ def test_absurd_learning_rate_stops_on_the_first_nan(tmp_path):
                      match=r"^non-finite loss term bpr = (nan|inf) at step 1 "
                      r"\(epoch 0, batch 1\).*no checkpoint was saved yet"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert checkpointing.checkpoint_steps(str(tmp_path / "run")) == []
+  assert workdir_lib.checkpoint_steps(str(tmp_path / "run")) == []
 
 
 # ----------------------------------------------------------------------------
@@ -120,7 +124,7 @@ def test_resuming_with_other_shapes_lists_the_fields_and_writes_nothing(
   config.model.embed_size = 32
   config.data.synthetic.n_users = 100
   config.data.synthetic.modality_dims = {"image": 12, "text": 9}
-  with pytest.raises(checkpointing.ConfigMismatchError) as info:
+  with pytest.raises(workdir_lib.ConfigMismatchError) as info:
     train.train_and_evaluate(config, str(workdir))
   message = str(info.value)
   assert "\n" not in message and "config.json" in message
@@ -133,17 +137,17 @@ def test_resuming_with_other_shapes_lists_the_fields_and_writes_nothing(
 
 def test_records_without_checkpoints_are_refused(stopped_run, tmp_path):
   workdir = _copy(stopped_run[0], tmp_path)
-  shutil.rmtree(workdir / train.CHECKPOINT_DIR)
+  shutil.rmtree(workdir / workdir_lib.CHECKPOINT_DIR)
   before = _files(workdir)
   with pytest.raises(FileExistsError, match="cannot be resumed"):
     train.train_and_evaluate(_config(), str(workdir))
-  (workdir / train.CONFIG_FILE).unlink()
+  (workdir / workdir_lib.CONFIG_FILE).unlink()
   with pytest.raises(FileExistsError, match="no config.json"):
     train.train_and_evaluate(_config(), str(workdir))
-  del before[train.CONFIG_FILE]
+  del before[workdir_lib.CONFIG_FILE]
   assert _files(workdir) == before
   with pytest.raises(FileExistsError, match="not a folder"):
-    train.train_and_evaluate(_config(), str(workdir / train.METRICS_FILE))
+    train.train_and_evaluate(_config(), str(workdir / workdir_lib.METRICS_FILE))
 
 
 def test_complete_run_is_returned_not_retrained(stopped_run, tmp_path):
@@ -151,13 +155,13 @@ def test_complete_run_is_returned_not_retrained(stopped_run, tmp_path):
   # Complete at the config's own budget of 1 epoch.
   final = {"final": True, "best_epoch": 0, "epochs": 1, "test": {"x": 1.0},
            "val": {"x": 2.0}}
-  checkpointing.append_record(str(workdir / train.METRICS_FILE), final)
+  workdir_lib.append_record(str(workdir / workdir_lib.METRICS_FILE), final)
   before = _files(workdir)
   assert train.train_and_evaluate(_config(epochs=1), str(workdir)) == final
   assert _files(workdir) == before
   # Without a checkpoint a larger budget cannot continue it either.
-  shutil.rmtree(workdir / train.CHECKPOINT_DIR)
-  status = checkpointing.inspect_workdir(str(workdir), _config(epochs=5))
+  shutil.rmtree(workdir / workdir_lib.CHECKPOINT_DIR)
+  status = workdir_lib.inspect_workdir(str(workdir), _config(epochs=5))
   assert status.kind == "complete" and status.final == final
   assert status.reason == "it has no checkpoint to continue from"
 
@@ -181,24 +185,24 @@ def test_extends_run_follows_the_train_loops_stopping_rule(
   records.append({"final": True, "best_epoch": best_epoch, "epochs": 3})
   config = _config(epochs=epochs)
   config.eval.patience = patience
-  assert checkpointing.extends_run(records, config) is expected
+  assert workdir_lib.extends_run(records, config) is expected
   if not expected:
-    reason = checkpointing.why_complete(records, config)
+    reason = workdir_lib.why_complete(records, config)
     assert ("--config.eval.patience" in reason) is (
         3 - 1 - best_epoch > patience), reason
 
 
 def test_config_differences_ignore_only_resumable_fields():
-  old = checkpointing.config_to_json(_config())
+  old = workdir_lib.config_to_json(_config())
   new_config = _config()
   new_config.train.epochs = 99
   new_config.eval.patience = 1
   new_config.optim.lr = 1.0
-  new = checkpointing.config_to_json(new_config)
-  assert checkpointing.config_differences(old, new) == [
+  new = workdir_lib.config_to_json(new_config)
+  assert workdir_lib.config_differences(old, new) == [
       ("optim.lr", old["optim"]["lr"], 1.0)]
   del new["train"]["batch_size"]
-  assert ("train.batch_size", 32, None) in checkpointing.config_differences(
+  assert ("train.batch_size", 32, None) in workdir_lib.config_differences(
       old, new)
 
 
@@ -209,27 +213,27 @@ def test_data_dir_spelt_another_way_is_the_same_folder(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   saved = _config()
   saved.data.dir = "data"
-  old = checkpointing.config_to_json(saved)
+  old = workdir_lib.config_to_json(saved)
   for same in (str(tmp_path / "data"), "./data/", str(tmp_path / "link")):
     new = _config()
     new.data.dir = same
-    assert checkpointing.config_differences(
-        old, checkpointing.config_to_json(new)) == [], same
+    assert workdir_lib.config_differences(
+        old, workdir_lib.config_to_json(new)) == [], same
   new.data.dir = "other"
-  assert checkpointing.config_differences(
-      old, checkpointing.config_to_json(new)) == [("data.dir", "data",
+  assert workdir_lib.config_differences(
+      old, workdir_lib.config_to_json(new)) == [("data.dir", "data",
                                                    "other")]
 
 
 def test_field_added_after_a_run_was_saved_is_unchanged_at_its_default():
-  old = checkpointing.config_to_json(_config())
+  old = workdir_lib.config_to_json(_config())
   del old["train"]["item_parallel"]  # a workdir saved before the field existed
   new_config = _config()
-  assert checkpointing.config_differences(
-      old, checkpointing.config_to_json(new_config)) == []
+  assert workdir_lib.config_differences(
+      old, workdir_lib.config_to_json(new_config)) == []
   new_config.train.item_parallel = 2
-  assert checkpointing.config_differences(
-      old, checkpointing.config_to_json(new_config)) == [
+  assert workdir_lib.config_differences(
+      old, workdir_lib.config_to_json(new_config)) == [
           ("train.item_parallel", None, 2)]
 
 
@@ -270,7 +274,7 @@ def _assert_one_error_line(stderr, *fragments):
 def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
   workdir = tmp_path / "run"
   env = _env()
-  metrics = workdir / train.METRICS_FILE
+  metrics = workdir / workdir_lib.METRICS_FILE
   args = ["--config=configs/test.py", "--config.eval.patience=1000"]
   with open(tmp_path / "stderr.txt", "w+") as err:
     proc = subprocess.Popen(_cli(*args, "--config.train.epochs=50",
@@ -294,8 +298,8 @@ def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
   last = _assert_one_error_line(stderr, "stopped by SIGTERM at step",
                                 "run the same command again to resume")
   step = int(re.search(r"at step (\d+)", last).group(1))
-  assert step in checkpointing.checkpoint_steps(str(workdir))
-  done = len(checkpointing.read_records(str(metrics)))
+  assert step in workdir_lib.checkpoint_steps(str(workdir))
+  done = len(workdir_lib.read_records(str(metrics)))
   assert done >= 1
 
   # The same command, asking for two more epochs (epochs may change on
@@ -313,10 +317,10 @@ def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   assert f"resuming from step {step} " in proc.stderr
-  records = checkpointing.read_records(str(metrics))
+  records = workdir_lib.read_records(str(metrics))
   assert [r.get("epoch") for r in records[:-1]] == list(range(done + 2))
   assert records[-1]["final"] is True and records[-1]["epochs"] == done + 2
-  assert json.loads((workdir / train.CONFIG_FILE).read_text())[
+  assert json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())[
       "train"]["epochs"] == 50  # config.json is the run's original
 
   # Once complete, the same command prints the stored result and exits 0.
@@ -327,7 +331,7 @@ def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "holds a complete run" in proc.stderr
   assert "a larger --config.train.epochs continues it" in proc.stderr
-  assert checkpointing.read_records(str(metrics)) == records
+  assert workdir_lib.read_records(str(metrics)) == records
 
 
 def test_cli_config_mismatch_and_nan_exit_1_with_one_line(tmp_path):
@@ -356,7 +360,7 @@ def test_cli_config_mismatch_and_nan_exit_1_with_one_line(tmp_path):
 
 def test_restore_best_gives_the_best_epoch_state(stopped_run, hooks):
   del hooks
-  restored = checkpointing.restore_best(str(stopped_run[0]))
+  restored = restore.restore_best(str(stopped_run[0]))
   assert restored.step == stopped_run[1]
   assert restored.meta.best["epoch"] == 0
   user, item = restored.run.final_embeddings(restored.state)

@@ -3,10 +3,10 @@
 design.md "Scale": `critic.kind='lowrank'` (first layer W_0 = U V, parameters
 and cost linear in I) and, with `train.generator_block > 0`, generated rows,
 real rows and the top-k refresh computed item block by item block
-(`graph.blockwise_topk`, `graph.fused_real_rows`). Each is checked
+(`generator.blockwise_topk`, `generator.fused_real_rows`). Each is checked
 against the dense computation on small sizes: the low-rank critic against
 the dense critic with the explicit kernel U V, the fused paths against
-`graph.generated_rows` / `losses.gumbel_real_rows` followed by the first
+`generator.generated_rows` / `losses.gumbel_real_rows` followed by the first
 layer, and one jitted train step against the unfused step.
 """
 
@@ -26,6 +26,9 @@ from mmssl_jax import state as state_lib
 from mmssl_jax import steps
 from mmssl_jax import train
 from mmssl_jax.data import synthetic
+from mmssl_jax import run as run_lib
+from mmssl_jax import modality_graphs
+from mmssl_jax import generator
 
 N_ITEMS, RANK, HIDDEN = 48, 5, (12, 6)
 
@@ -96,8 +99,9 @@ def test_lowrank_structure_init_and_parameter_count_linear_in_items():
 def test_lowrank_critic_equals_dense_critic_with_explicit_kernel(paper):
   """Scores, input gradients and parameter gradients (through U and V by the
   chain rule) equal those of the dense critic with W_0 = U V."""
-  kw = (dict(negative_slope=0.2, batch_norm=False, dropout=(0.0, 0.0),
-             sigmoid_output=False, train=False) if paper else {})
+  kw = (dict(hp=critic.CriticHParams(
+      negative_slope=0.2, batch_norm=False, dropout=(0.0, 0.0),
+      sigmoid_output=False, train=False)) if paper else {})
   params = _lowrank(1, batch_norm=not paper)
   stats = critic.init_critic_batch_stats(params)
   x = jax.random.uniform(jax.random.key(2), (10, N_ITEMS))
@@ -180,13 +184,13 @@ def _problem(seed):
     n = L if b == 0 else 1 if b == B - 1 else rng.integers(1, L + 1)
     lists[b, :n] = np.sort(rng.choice(I, n, replace=False))
   lists = jnp.asarray(lists)
-  return p, q, f, lists, graph_lib.dense_rows(lists, I)
+  return p, q, f, lists, generator.dense_rows(lists, I)
 
 
 def test_interaction_block_is_a_slice_of_the_dense_rows():
   *_, lists, dense = _problem(0)
   for start, size in ((0, 8), (8, 8), (32, 8), (30, 7)):
-    block = graph_lib.interaction_block(lists, start, size)
+    block = generator.interaction_block(lists, start, size)
     want = np.zeros((B, size))
     width = min(size, I - start)
     want[:, :width] = dense[:, start:start + width]
@@ -196,12 +200,12 @@ def test_interaction_block_is_a_slice_of_the_dense_rows():
 @pytest.mark.parametrize("block_size", [5, 8, 37, 100])
 def test_blockwise_topk_equals_topk_of_whole_rows(block_size):
   p, q, _, lists, dense = _problem(1)
-  rows = graph_lib.generated_rows(p, q, dense, block_size=0)
-  top = jax.jit(lambda p, q: graph_lib.blockwise_topk(
+  rows = generator.generated_rows(p, q, dense, block_size=0)
+  top = jax.jit(lambda p, q: generator.blockwise_topk(
       p, q, lists, block_size=block_size, k=6))(p, q)
   np.testing.assert_array_equal(top, jax.lax.top_k(rows, 6)[1])
   # With k = I every item appears once (masked positives score 0).
-  everything = jax.jit(lambda p, q: graph_lib.blockwise_topk(
+  everything = jax.jit(lambda p, q: generator.blockwise_topk(
       p, q, lists, block_size=block_size, k=I))(p, q)
   np.testing.assert_array_equal(np.sort(everything, axis=1),
                                 np.tile(np.arange(I), (B, 1)))
@@ -211,7 +215,7 @@ def test_blockwise_topk_ties_keep_the_lower_item_id():
   p = jnp.ones((2, D))
   q = jnp.ones((I, D))  # every score equal
   lists = jnp.array([[0, 3] + [-1] * (L - 2), [-1] * L], jnp.int32)
-  top = graph_lib.blockwise_topk(p, q, lists, block_size=7, k=4)
+  top = generator.blockwise_topk(p, q, lists, block_size=7, k=4)
   np.testing.assert_array_equal(top, [[1, 2, 4, 5], [0, 1, 2, 3]])
 
 
@@ -219,12 +223,12 @@ def test_generated_rows_projection_then_first_layer_equals_critic_first_layer():
   p, q, _, lists, dense = _problem(2)
   params = critic.init_lowrank_critic(jax.random.key(0), I, rank=R,
                                       hidden=(8, 4))
-  proj = graph_lib.generated_rows_projection(
-      p, q, graph_lib.batch_positives(lists),
+  proj = generator.generated_rows_projection(
+      p, q, generator.batch_positives(lists),
       critic.first_layer_factor(params))
   np.testing.assert_allclose(
       critic.first_layer_from_projection(params, proj),
-      critic.first_layer(params, graph_lib.generated_rows(p, q, dense)),
+      critic.first_layer(params, generator.generated_rows(p, q, dense)),
       rtol=1e-5, atol=1e-6)
 
 
@@ -240,9 +244,9 @@ def test_fused_real_rows_equal_dense_gumbel_rows(use_gumbel, log_logits,
   p, q, f, lists, dense = _problem(3)
   key, block = jax.random.key(4), 8
   n_blocks = -(-I // block)
-  xi = jnp.concatenate([graph_lib.block_uniform(key, B, j, block)
+  xi = jnp.concatenate([generator.block_uniform(key, B, j, block)
                         for j in range(n_blocks)], axis=1)[:, :I]
-  model_rows = graph_lib.generated_rows(p, q, dense)
+  model_rows = generator.generated_rows(p, q, dense)
   # losses.gumbel_real_rows draws xi = uniform(key, (B, I)); feed ours.
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(losses.jax.random, "uniform", lambda *a, **k: xi)
@@ -250,7 +254,7 @@ def test_fused_real_rows_equal_dense_gumbel_rows(use_gumbel, log_logits,
         key=key, interactions=dense, model_rows=model_rows,
         gumbel_scale=scale, tau=tau, ui_pre_scale=100.0,
         use_gumbel=use_gumbel, log_logits=log_logits)
-  fused = lambda f: graph_lib.fused_real_rows(
+  fused = lambda f: generator.fused_real_rows(
       key, p, q, lists, f, block_size=block, gumbel_scale=scale, tau=tau,
       ui_pre_scale=100.0, use_gumbel=use_gumbel, log_logits=log_logits)
   np.testing.assert_allclose(jax.jit(fused)(f), real @ f, rtol=1e-5,
@@ -268,7 +272,7 @@ def test_no_batch_by_items_array_in_the_fused_gradient():
   q = jnp.ones((big_i, D))
   f = jnp.ones((big_i, R))
   lists = jnp.full((B, L), -1, jnp.int32)
-  real_grad = jax.grad(lambda f: jnp.sum(graph_lib.fused_real_rows(
+  real_grad = jax.grad(lambda f: jnp.sum(generator.fused_real_rows(
       jax.random.key(0), p, q, lists, f, block_size=block, gumbel_scale=1.0,
       tau=0.5, ui_pre_scale=1.0)))
   jaxpr = str(jax.make_jaxpr(real_grad)(f))
@@ -278,37 +282,42 @@ def test_no_batch_by_items_array_in_the_fused_gradient():
 
 def test_graph_updates_take_precomputed_topk_items():
   p, q, _, lists, dense = _problem(5)
-  rows = {"a": graph_lib.generated_rows(p, q, dense),
-          "b": graph_lib.generated_rows(q[:B], q, dense)}
+  rows = {"a": generator.generated_rows(p, q, dense),
+          "b": generator.generated_rows(q[:B], q, dense)}
   top = {m: jax.lax.top_k(r, 3)[1].astype(jnp.int32) for m, r in rows.items()}
   users = jnp.arange(B, dtype=jnp.int32)
   base = graph_lib.sort_graph(users, users, jnp.ones(B, bool), B, I)
   graphs = {m: graph_lib.pad_graph(base, 40, B, I) for m in rows}
-  buffer = state_lib.empty_buffer(tuple(rows), 40)
-  kw = dict(k=3, period=2, pairing="tiled", n_users=B, n_items=I)
-  reference = jax.jit(functools.partial(steps.reference_graph_update, **kw))
-  persistent = jax.jit(functools.partial(steps.persistent_graph_update, k=3,
-                                         period=2, n_items=I))
-  table = state_lib.empty_table(tuple(rows), B, 3)
+  buffer = modality_graphs.empty_buffer(tuple(rows), 40)
+  reference = jax.jit(lambda graphs, state, top, idx: (
+      modality_graphs.reference_update(
+          graphs, state, lambda: top, users, idx, k=3, period=2,
+          pairing="tiled", n_users=B, n_items=I)))
+  persistent = jax.jit(lambda graphs, state, top, idx: (
+      modality_graphs.persistent_update(graphs, state, lambda: top, users,
+                                        idx, period=2, n_items=I)))
+  table = modality_graphs.empty_table(tuple(rows), B, 3)
+  from_rows = modality_graphs.top_items_of_rows(rows, 3)()
+  for m in rows:
+    np.testing.assert_array_equal(from_rows[m], top[m])
   for update, state in ((reference, buffer), (persistent, table)):
     for idx in (1, 2):  # an append and a rebuild
-      want = update(graphs, state, rows, users, jnp.int32(idx))
-      got = update(graphs, state, None, users, jnp.int32(idx),
-                   top_items=top)
+      got = update(graphs, state, top, jnp.int32(idx))
+      want = update(graphs, state, from_rows, jnp.int32(idx))
       for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(x, y)
   # Graphs without CSR fields are rebuilt without them.
   bare = {m: graph_lib.without_csr(g) for m, g in graphs.items()}
-  rebuilt, _ = reference(bare, buffer, rows, users, jnp.int32(2))
+  rebuilt, _ = reference(bare, buffer, top, jnp.int32(2))
   assert all(g.user_indptr is None for g in rebuilt.values())
 
 
 def _one_step(config):
   ds = synthetic.make_synthetic(config.data.synthetic)
-  run = train.Run(config, ds)
+  run = run_lib.Run(config, ds)
   state = run.init_state()
   state, terms = run.step(state, jnp.int32(0), run.inputs)
-  return jax.device_get(state), jax.device_get(terms)
+  return jax.device_get(state), jax.device_get(terms), run.step_config
 
 
 def test_fused_step_equals_unfused_lowrank_step():
@@ -322,9 +331,9 @@ def test_fused_step_equals_unfused_lowrank_step():
     config.critic.kind = "lowrank"
     config.critic.rank = 8
     config.train.generator_block = block
-    assert steps.uses_fused_generator(config) == (block > 0)
     results.append(_one_step(config))
-  (s0, t0), (s1, t1) = results
+    assert results[-1][2].fused == (block > 0)
+  (s0, t0, _), (s1, t1, _) = results
   assert set(t0) == set(t1) and "gen" in t0 and "critic" in t0
   for k in t0:
     np.testing.assert_allclose(t1[k], t0[k], rtol=1e-5, atol=1e-7)
@@ -347,13 +356,14 @@ def test_gram_positives_of_the_batch_or_of_all_users_give_the_same_step():
   ds = synthetic.make_synthetic(config.data.synthetic)
   results = []
   for capacity in (None, len(ds.train) + 1):  # exact batch bound, all users
-    run = train.Run(config, ds)
+    run = run_lib.Run(config, ds)
     if capacity is not None:
       shapes = dataclasses.replace(run.shapes, batch_positives=capacity)
     else:
       shapes = run.shapes
       assert shapes.batch_positives < shapes.n_train  # the per-batch path
-    step = steps.make_mmssl_step(config, shapes)
+    step = steps.make_step(dataclasses.replace(run.step_config,
+                                               shapes=shapes))
     state = run.init_state()
     state, terms = step(state, jnp.int32(0), run.inputs)
     results.append(jax.device_get((state, terms)))

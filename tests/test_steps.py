@@ -1,5 +1,5 @@
-"""Tests for mmssl_jax.steps / state: the jitted two-player step and the
-released modality-graph schedule (§4.3, §4.4, §3.6, §10 "Fidelity tests").
+"""Tests for mmssl_jax.steps / modality_graphs: the jitted two-player step and
+the released modality-graph schedule (§4.3, §4.4, §3.6, §10 "Fidelity tests").
 
 The real jitted step of `configs/test.py` is compiled once per module (a
 module-scoped fixture runs a 5-iteration trajectory); spies record, from inside
@@ -21,9 +21,9 @@ from mmssl_jax import config_lib
 from mmssl_jax import graph as graph_lib
 from mmssl_jax import losses
 from mmssl_jax import model as model_lib
-from mmssl_jax import state as state_lib
+from mmssl_jax import modality_graphs
+from mmssl_jax import run as run_lib
 from mmssl_jax import steps
-from mmssl_jax import train
 from mmssl_jax.data import synthetic
 
 N_STEPS = 5
@@ -47,18 +47,23 @@ def _recording(records, name):
 
 @pytest.fixture(scope="module", name="test_run")
 def test_run_fixture():
-  """train.Run on configs/test.py with spies installed before compilation."""
+  """run_lib.Run on configs/test.py with spies installed before compilation."""
   records = {"rec_grads": [], "critic_grads": [], "graph_update": [],
              "compiles": []}
-  real_update = steps.reference_graph_update
-  real_opt, real_critic_opt = steps.make_optimizer, steps.make_critic_optimizer
+  real_update, real_opt = steps.modality_graph_step, steps.make_optimizer
+  config = helpers.load_config("test")
+  critic_optim = steps.OptimHParams.critic(config.critic)
 
-  def spy_update(graphs, buffer, gen_rows, users, batch_idx, **kw):
+  def spy_update(graphs, buffer, generated, batch, batch_idx, step, cfg):
     jax.debug.callback(
         lambda r, u, i: records["graph_update"].append(
             (int(i), jax.device_get(r), np.asarray(u))),
-        gen_rows, users, batch_idx)
-    return real_update(graphs, buffer, gen_rows, users, batch_idx, **kw)
+        generated.rows, batch.users, batch_idx)
+    return real_update(graphs, buffer, generated, batch, batch_idx, step, cfg)
+
+  def spy_optimizer(hp):
+    name = "critic_grads" if hp == critic_optim else "rec_grads"
+    return optax.chain(_recording(records, name), real_opt(hp))
 
   def on_event(event, duration, **kw):
     del duration
@@ -66,14 +71,10 @@ def test_run_fixture():
       records["compiles"].append(kw.get("fun_name"))
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(steps, "reference_graph_update", spy_update)
-    mp.setattr(steps, "make_optimizer", lambda c: optax.chain(
-        _recording(records, "rec_grads"), real_opt(c)))
-    mp.setattr(steps, "make_critic_optimizer", lambda c: optax.chain(
-        _recording(records, "critic_grads"), real_critic_opt(c)))
-    config = helpers.load_config("test")
+    mp.setattr(steps, "modality_graph_step", spy_update)
+    mp.setattr(steps, "make_optimizer", spy_optimizer)
     ds = synthetic.make_synthetic(config.data.synthetic)
-    run = train.Run(config, ds)
+    run = run_lib.Run(config, ds)
     jax.monitoring.register_event_duration_secs_listener(on_event)
     try:
       yield run, records
@@ -133,7 +134,7 @@ def test_default_backend_options_give_the_same_steps_as_the_fast_ones():
   noise; over 3 steps it observed 6 lr)."""
   import test_parallel  # pylint: disable=g-import-not-at-top
   config = helpers.load_config("test")
-  run = train.Run(config, synthetic.make_synthetic(config.data.synthetic))
+  run = run_lib.Run(config, synthetic.make_synthetic(config.data.synthetic))
   lowered = run.step.lower(run.init_state(), jnp.int32(0), run.inputs)
   default = lowered.compile(compiler_options=helpers.DEFAULT_COMPILE_OPTIONS)
   fast = lowered.compile(compiler_options=helpers.FAST_COMPILE_OPTIONS)
@@ -214,11 +215,16 @@ def test_gradients_of_both_losses_are_finite(trajectory):
 # The graph schedule with T = 1 (§4.4 table, §10 "schedule simulation")
 
 
+def _schedule(config, n_items, steps_per_epoch=100):
+  return modality_graphs.GraphSchedule.from_config(config, n_items,
+                                                   steps_per_epoch)
+
+
 def test_topk_k_matches_the_papers_settings():
   cases = {"baby": (7050, 0), "sports": (18357, 367), "tiktok": (6710, 67),
            "allrecipes": (10067, 201), "test": (90, 4)}
   for name, (n_items, k) in cases.items():
-    assert steps.topk_k(helpers.load_config(name), n_items) == k, name
+    assert _schedule(helpers.load_config(name), n_items).k == k, name
 
 
 def test_modality_graph_is_base_until_the_first_regeneration(test_run):
@@ -227,11 +233,10 @@ def test_modality_graph_is_base_until_the_first_regeneration(test_run):
   first rebuild at the end of step T-1), and forever when an epoch has at
   most T steps (the released schedule never reaches index T)."""
   run, _ = test_run
-  shapes = run.shapes
-  n = shapes.n_train // run.config.train.batch_size + 1
+  n = run.steps_per_epoch
   assert n > 3
-  is_base = lambda config, step: bool(
-      steps.modality_graph_is_base(config, shapes, jnp.int32(step)))
+  is_base = lambda config, step: bool(modality_graphs.is_base(
+      _schedule(config, run.shapes.n_items, n), jnp.int32(step)))
   config = helpers.load_config("test")
   for t, want in ((1, [True, True, False, False]),
                   (2, [True, True, True, False])):
@@ -271,7 +276,7 @@ def test_initial_forward_equals_forward_over_the_base_graph(test_run):
 def test_t1_schedule_graph_from_batch0_then_empty(trajectory):
   run, records, states, metrics = trajectory
   config = run.config
-  b, k = config.train.batch_size, steps.topk_k(config, run.shapes.n_items)
+  b, k = config.train.batch_size, run.step_config.graphs.k
   n_users, n_items = run.shapes.n_users, run.shapes.n_items
   assert (config.graph_update.T, config.graph_update.pairing, k) == (1, "tiled",
                                                                      4)
@@ -391,10 +396,12 @@ def test_t2_schedule_accumulates_and_survives_epoch_boundary(pairing):
   graphs = helpers.initial_modality_graphs(
       base, mods, max(base.n_edges, cap),
       n_users, n_items)
-  buffer = state_lib.empty_buffer(mods, cap)
-  update = jax.jit(functools.partial(
-      steps.reference_graph_update, k=k, period=period, pairing=pairing,
-      n_users=n_users, n_items=n_items))
+  buffer = modality_graphs.empty_buffer(mods, cap)
+  update = jax.jit(lambda graphs, buffer, rows, users, idx: (
+      modality_graphs.reference_update(
+          graphs, buffer, modality_graphs.top_items_of_rows(rows, k), users,
+          idx, k=k, period=period, pairing=pairing, n_users=n_users,
+          n_items=n_items)))
   # An epoch of N = 4 batches: ... N-2, N-1 | 0, 1, 2 (lists survive).
   idx_seq = [0, 1, 2, 3, 0, 1, 2]
   schedule = [(idx, rng.choice(n_users, b, replace=False).astype(np.int32),
@@ -426,24 +433,26 @@ def test_t2_schedule_accumulates_and_survives_epoch_boundary(pairing):
 
 def test_k0_graph_is_empty_after_the_first_rebuild():
   """Baby: k = floor(7050 * 1e-4) = 0, so the graph is empty from idx 1 on."""
-  k = steps.topk_k(helpers.load_config("baby"), 7050)
+  sched = _schedule(helpers.load_config("baby"), 7050)
+  k = sched.k
   assert k == 0
   n_users, n_items, b = 6, 8, 3
   base = graph_lib.build_graph(np.arange(6), np.arange(6), n_users, n_items,
                                norm="one_sided")
   cap = 0
-  assert steps.buffer_capacity(helpers.load_config("baby"), 7050) == cap
+  assert modality_graphs.buffer_capacity(sched, 1024) == cap
   graphs = helpers.initial_modality_graphs(
       base, ("image",), max(6, cap), n_users,
       n_items)
-  buffer = state_lib.empty_buffer(("image",), cap)
+  buffer = modality_graphs.empty_buffer(("image",), cap)
   rows = {"image": jnp.asarray(np.random.default_rng(0).random((b, n_items)),
                                jnp.float32)}
   users = jnp.arange(b, dtype=jnp.int32)
   for idx in range(4):
-    graphs, buffer = steps.reference_graph_update(
-        graphs, buffer, rows, users, jnp.int32(idx), k=k, period=1,
-        pairing="tiled", n_users=n_users, n_items=n_items)
+    graphs, buffer = modality_graphs.reference_update(
+        graphs, buffer, modality_graphs.top_items_of_rows(rows, k), users,
+        jnp.int32(idx), k=k, period=1, pairing="tiled", n_users=n_users,
+        n_items=n_items)
     w_u, _ = _weights(graphs["image"])
     if idx == 0:
       assert np.count_nonzero(w_u) == 6  # still the base graph
@@ -455,22 +464,22 @@ def test_pair_topk_tiled_scramble_and_per_user():
   users = jnp.asarray([10, 11, 12], jnp.int32)
   top = jnp.asarray([[1, 2], [3, 4], [5, 6]], jnp.int32)
   b, k = top.shape
-  pu, pi = steps._pair_topk(users, top, "tiled")  # pylint: disable=protected-access
+  pu, pi = modality_graphs.pair_topk(users, top, "tiled")
   np.testing.assert_array_equal(pi, np.asarray(top).reshape(-1))
   np.testing.assert_array_equal(
       pu, [int(users[p % b]) for p in range(b * k)])
   np.testing.assert_array_equal(pu, [10, 11, 12, 10, 11, 12])
-  pu, pi = steps._pair_topk(users, top, "per_user")  # pylint: disable=protected-access
+  pu, pi = modality_graphs.pair_topk(users, top, "per_user")
   np.testing.assert_array_equal(pi, [1, 2, 3, 4, 5, 6])
   np.testing.assert_array_equal(pu, [10, 10, 11, 11, 12, 12])
   with pytest.raises(ValueError, match="pairing"):
-    steps._pair_topk(users, top, "shuffled")  # pylint: disable=protected-access
+    modality_graphs.pair_topk(users, top, "shuffled")
 
 
 def test_buffer_capacity_formula():
-  c = helpers.load_config("sports")
-  k = steps.topk_k(c, 18357)
-  assert steps.buffer_capacity(c, 18357) == 3 * 1024 * k
+  sched = _schedule(helpers.load_config("sports"), 18357)
+  assert sched.period == 2 and sched.k == 367
+  assert modality_graphs.buffer_capacity(sched, 1024) == 3 * 1024 * 367
 
 
 # ----------------------------------------------------------------------------
@@ -487,7 +496,7 @@ def test_empty_graph_contrastive_loss_is_log_2b_minus_1_with_zero_grad(
   exist = np.asarray(run.inputs.sampler.exist_users)
   users = jnp.asarray(np.random.default_rng(0).choice(exist, b, replace=False))
   # G^m starts as the base graph (the forward reads it from the inputs while
-  # `steps.modality_graph_is_base`; the state holds only regenerations).
+  # `modality_graphs.is_base`; the state holds only regenerations).
   base_graphs = {m: run.inputs.graph for m in state.modality_graphs}
   # Every weight field (both orderings) zeroed: the base structure, empty.
   empty = {m: jax.tree.map(lambda x: jnp.zeros_like(x)
@@ -527,7 +536,7 @@ def test_empty_graph_contrastive_loss_is_log_2b_minus_1_with_zero_grad(
 def test_ablation_builds_and_runs_one_step(arg):
   config = helpers.load_config("test", arg)
   ds = synthetic.make_synthetic(config.data.synthetic)
-  run = train.Run(config, ds)
+  run = run_lib.Run(config, ds)
   state = run.init_state()
   before = jax.device_get(state.params)
   state, metrics = run.step(state, jnp.int32(0), run.inputs)

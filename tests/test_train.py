@@ -18,6 +18,8 @@ from mmssl_jax import train
 from mmssl_jax.data import DataError
 from mmssl_jax.data import formats
 from mmssl_jax.data import synthetic
+from mmssl_jax import workdir as workdir_lib
+from mmssl_jax import run as run_lib
 
 CLI_TIMEOUT_S = 400
 
@@ -44,7 +46,7 @@ def _finite_numbers(obj):
 
 
 def _check_run_files(workdir, epochs_cap):
-  lines = (workdir / train.METRICS_FILE).read_text().splitlines()
+  lines = (workdir / workdir_lib.METRICS_FILE).read_text().splitlines()
   records = [json.loads(line) for line in lines]
   final = records[-1]
   epochs = records[:-1]
@@ -61,7 +63,7 @@ def _check_run_files(workdir, epochs_cap):
   for r in epochs:
     assert {"train/loss", "train/bpr", "val/recall@20"} <= set(r)
   assert _finite_numbers(records)
-  config = json.loads((workdir / train.CONFIG_FILE).read_text())
+  config = json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())
   assert config["train"]["batch_size"] == 32
   assert config["data"]["synthetic"]["n_items"] == 90
   assert config["variant"] == helpers.load_config("test").variant
@@ -81,7 +83,7 @@ def test_train_and_evaluate_writes_metrics_and_never_overwrites(tmp_path):
   assert result["epochs"] == config.train.epochs  # 2 epochs, patience 7
   assert result["test"]["recall@20"] == pytest.approx(
       records[-1]["test"]["recall@20"])
-  assert {train.METRICS_FILE, train.CONFIG_FILE} <= {
+  assert {workdir_lib.METRICS_FILE, workdir_lib.CONFIG_FILE} <= {
       p.name for p in workdir.iterdir()}
 
   # Running again into the same workdir never modifies it: either it refuses
@@ -92,7 +94,7 @@ def test_train_and_evaluate_writes_metrics_and_never_overwrites(tmp_path):
     again = train.train_and_evaluate(helpers.load_config("test"),
                                      str(workdir))
   except FileExistsError as e:
-    assert train.METRICS_FILE in str(e)
+    assert workdir_lib.METRICS_FILE in str(e)
   else:
     assert again["best_epoch"] == result["best_epoch"]
     assert again["test"] == pytest.approx(result["test"])
@@ -104,7 +106,7 @@ def test_workdir_with_foreign_metrics_raises_file_exists(tmp_path):
   to resume from) is refused before anything is written."""
   workdir = tmp_path / "run"
   workdir.mkdir()
-  (workdir / train.METRICS_FILE).write_text(
+  (workdir / workdir_lib.METRICS_FILE).write_text(
       json.dumps({"epoch": 0, "train/loss": 1.0}) + "\n")
   before = _files(workdir)
   with pytest.raises(FileExistsError, match="metrics.jsonl"):
@@ -188,10 +190,10 @@ def test_config_builds_and_runs_one_step(name, folders):
   else:  # the synthetic default, smaller (same modalities, batch 256, k > 0)
     config.data.synthetic.n_users = 300
     config.data.synthetic.n_items = 240
-  ds = train.load_dataset(config.data)
+  ds = run_lib.load_dataset(config.data)
   assert tuple(ds.modalities) == modalities
-  train.check_config(config, ds)
-  run = train.Run(config, ds)
+  run_lib.check_config(config, ds)
+  run = run_lib.Run(config, ds)
   state = run.init_state()
   state, metrics = run.step(state, jnp.int32(0), run.inputs)
   metrics = jax.device_get(metrics)
@@ -210,9 +212,9 @@ def test_run_holds_no_reference_to_the_host_dataset():
   """`Run` keeps device copies only, so the host dataset (0.6 GiB at
   I = 1e6) is freed once the caller drops it (`train_and_evaluate` does)."""
   config = helpers.load_config("test")
-  ds = train.load_dataset(config.data)
+  ds = run_lib.load_dataset(config.data)
   alive = weakref.ref(ds)
-  run = train.Run(config, ds)
+  run = run_lib.Run(config, ds)
   assert run.modality_dims == ds.modality_dims
   del ds
   gc.collect()
@@ -247,4 +249,4 @@ def test_cli_end_to_end_on_test_config(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   _check_run_files(workdir, helpers.load_config("test").train.epochs)
-  assert {train.METRICS_FILE, train.CONFIG_FILE} <= set(os.listdir(workdir))
+  assert {workdir_lib.METRICS_FILE, workdir_lib.CONFIG_FILE} <= set(os.listdir(workdir))

@@ -8,8 +8,9 @@ once (`mmssl_jax.graph`) and the arrays are then passed into jitted code.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import sys
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +30,24 @@ def print_error(message) -> int:
   """
   print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
   return 1
+
+
+def check_output_folder(path) -> None:
+  """Raises DataError unless `path` is absent or an empty folder: no command
+  of the package writes into a folder that holds anything."""
+  out = Path(path)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise DataError(f"{out}: output path exists and is not an empty folder; "
+                    "refusing to overwrite it")
+
+
+def pad_lists(lists: Sequence[np.ndarray]) -> np.ndarray:
+  """Stacks 1-D int arrays into an int32 matrix padded with -1 (width >= 1)."""
+  width = max([1] + [len(x) for x in lists])
+  out = np.full((len(lists), width), -1, np.int32)
+  for row, items in enumerate(lists):
+    out[row, :len(items)] = items
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

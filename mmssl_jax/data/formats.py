@@ -32,7 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from mmssl_jax.data import validate
-from mmssl_jax.data.dataset import DataError, Dataset, Split
+from mmssl_jax.data.dataset import DataError, Dataset, Split, check_output_folder
 from mmssl_jax.data.validate import error
 
 FORMATS = ("auto", "mmssl", "mmrec", "pickle")
@@ -41,7 +41,7 @@ JSON_FILES = tuple(f"{s}.json" for s in SPLITS)
 PICKLE_FILES = ("trnMat.pkl", "valMat.pkl", "tstMat.pkl")
 INTER_COLUMNS = ("userID", "itemID", "x_label")
 FEAT_SUFFIX = "_feat.npy"
-_EXPECTED = ("train.json, val.json, test.json (mmssl), or <name>.inter with "
+EXPECTED_FILES = ("train.json, val.json, test.json (mmssl), or <name>.inter with "
              "columns userID, itemID, x_label (mmrec), or trnMat.pkl, "
              "valMat.pkl, tstMat.pkl (pickle), plus optional <modality>_feat.npy")
 _UINT = re.compile(r"[0-9]+")
@@ -67,14 +67,14 @@ class _Raw(NamedTuple):
 def detect_format(folder: str | os.PathLike) -> str:
   """Returns 'mmssl', 'mmrec' or 'pickle' for a dataset folder."""
   folder = Path(folder)
-  validate.require_dir(folder, _EXPECTED)
+  validate.require_dir(folder, EXPECTED_FILES)
   if (folder / "train.json").exists():
     return "mmssl"
   if any(_has_x_label(p) for p in folder.glob("*.inter")):
     return "mmrec"
   if (folder / PICKLE_FILES[0]).exists():
     return "pickle"
-  raise error(folder, f"cannot detect the dataset format; expected {_EXPECTED}")
+  raise error(folder, f"cannot detect the dataset format; expected {EXPECTED_FILES}")
 
 
 def load_folder(path: str | os.PathLike, *, format: str = "auto",  # pylint: disable=redefined-builtin
@@ -105,7 +105,7 @@ def load_folder(path: str | os.PathLike, *, format: str = "auto",  # pylint: dis
   folder = Path(path)
   if format not in FORMATS:
     raise error(folder, f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
-  validate.require_dir(folder, _EXPECTED)
+  validate.require_dir(folder, EXPECTED_FILES)
   fmt = detect_format(folder) if format == "auto" else format
   reader = {"mmssl": _read_mmssl, "mmrec": _read_mmrec, "pickle": _read_pickles}
   raw = reader[fmt](folder)
@@ -408,10 +408,8 @@ def _read_npy(path: Path) -> np.ndarray:
 
 def _fresh_dir(out_dir: str | os.PathLike) -> Path:
   """Creates `out_dir`, refusing to write into a file or a non-empty folder."""
+  check_output_folder(out_dir)
   out = Path(out_dir)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise error(out, "output path exists and is not an empty folder; "
-                "refusing to overwrite")
   out.mkdir(parents=True, exist_ok=True)
   return out
 

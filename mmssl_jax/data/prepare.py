@@ -60,7 +60,7 @@ import numpy as np
 
 from mmssl_jax.data import formats
 from mmssl_jax.data import validate
-from mmssl_jax.data.dataset import DataError, Dataset, Split, print_error
+from mmssl_jax.data.dataset import DataError, Dataset, Split, check_output_folder, print_error
 from mmssl_jax.data.validate import error
 
 SPLITS = ("random", "chronological")
@@ -444,14 +444,6 @@ def prepare(interactions: str | os.PathLike, *,
 # Writing and reporting
 
 
-def check_output_dir(path: str | os.PathLike) -> None:
-  """Raises unless `path` is absent or an empty folder."""
-  out = Path(path)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise error(out, "output path exists and is not an empty folder; "
-                "refusing to overwrite")
-
-
 def _write_mapping(path: Path, ids: np.ndarray) -> None:
   lines = [MAPPING_HEADER] + [f"{s}\t{i}" for i, s in enumerate(ids.tolist())]
   path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -463,7 +455,7 @@ def write_prepared(prepared: Prepared, output: str | os.PathLike, *,
   writers = {"mmssl": formats.write_mmssl, "mmrec": formats.write_mmrec}
   if format not in writers:
     raise ValueError(f"unknown format {format!r} (choose from mmssl, mmrec)")
-  check_output_dir(output)
+  check_output_folder(output)
   out = writers[format](prepared.dataset, output)
   _write_mapping(out / "user_mapping.tsv", prepared.user_ids)
   _write_mapping(out / "item_mapping.tsv", prepared.item_ids)
@@ -541,7 +533,7 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder]) -> int:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   output = Path(f["output"].value)
   try:
-    check_output_dir(output)
+    check_output_folder(output)
     prepared = prepare(
         f["interactions"].value,
         features=_parse_features(f["features"].value),

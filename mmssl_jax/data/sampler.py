@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmssl_jax.data.dataset import Split
+from mmssl_jax.data.dataset import Split, pad_lists
 
 
 class SamplerTables(NamedTuple):
@@ -40,11 +40,7 @@ class SamplerTables(NamedTuple):
 def padded_lists(split: Split, n_users: int) -> tuple[np.ndarray, np.ndarray]:
   """(n_users, max_len) sorted item lists padded with -1, and their lengths."""
   lists = split.user_lists(n_users)
-  degrees = np.array([len(l) for l in lists], np.int32)
-  table = np.full((n_users, max(1, int(degrees.max(initial=0)))), -1, np.int32)
-  for u, items in enumerate(lists):
-    table[u, :len(items)] = items
-  return table, degrees
+  return pad_lists(lists), np.array([len(l) for l in lists], np.int32)
 
 
 def build_sampler_tables(train: Split, n_users: int) -> SamplerTables:

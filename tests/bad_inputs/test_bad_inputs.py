@@ -22,6 +22,7 @@ import helpers
 from bad_inputs import corpus
 from mmssl_jax import train
 from mmssl_jax.data import DataError
+from mmssl_jax import run as run_lib
 
 MIN_CASES = 20
 FORK_MAIN = Path(__file__).with_name("fork_main.py")
@@ -55,7 +56,7 @@ def test_every_case_raises_one_line_naming_file_and_problem(cases, tmp_path):
       train.train_and_evaluate(_config(case), str(workdir))
       failures.append(f"{case.name}: no error")
       continue
-    except (DataError, train.ConfigError) as e:
+    except (DataError, run_lib.ConfigError) as e:
       message = str(e)
     if "\n" in message or case.file not in message or (
         case.problem not in message):
@@ -136,7 +137,7 @@ def test_cold_start_user_is_not_an_error(tmp_path):
   config = helpers.load_config("tiktok")
   config.data.dir = str(folder)
   config.train.batch_size = 32  # several batches per epoch
-  ds = train.load_dataset(config.data)
-  train.check_config(config, ds)
+  ds = run_lib.load_dataset(config.data)
+  run_lib.check_config(config, ds)
   cold = corpus.N_USERS
   assert cold in ds.test.users and cold not in ds.train.users

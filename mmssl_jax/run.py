@@ -1,0 +1,251 @@
+"""Building a run: its dataset, the config checks, and `Run` (step, state, eval).
+
+`Run(config, ds, mesh)` builds, once, everything a run computes with: the
+static sizes, the step inputs (training graph, features, sampler tables),
+the jitted step, the initial state and the evaluation sets, on one device
+(`mesh=None`) or over a device mesh (`parallel.run_mesh(config)`). Training
+(`mmssl_jax.train`) and restoring a trained run (`mmssl_jax.restore`) both
+start here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from mmssl_jax import evaluation
+from mmssl_jax import graph as graph_lib
+from mmssl_jax import model as model_lib
+from mmssl_jax import modality_graphs
+from mmssl_jax import parallel
+from mmssl_jax import state as state_lib
+from mmssl_jax import steps
+from mmssl_jax.data import DataError, Dataset
+from mmssl_jax.data import formats
+from mmssl_jax.data import sampler as sampler_lib
+from mmssl_jax.data import synthetic
+
+
+class ConfigError(ValueError):
+  """A config that cannot run (with this dataset); a one-line message."""
+
+
+def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
+  """The dataset named by `config.data` (synthetic, or a folder on disk)."""
+  if data_config.source == "synthetic":
+    return synthetic.make_synthetic(data_config.synthetic)
+  if data_config.source != "folder":
+    raise ConfigError(f"unknown data.source {data_config.source!r} (expected "
+                      "'folder' or 'synthetic')")
+  if not data_config.dir:
+    raise DataError(
+        "config.data.dir is not set: pass --config.data.dir=PATH, a folder "
+        f"with {formats.EXPECTED_FILES}")
+  return formats.load_folder(data_config.dir, format=data_config.format,
+                             modalities=tuple(data_config.modalities))
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, n_train: int) -> int:
+  """Batches of one epoch, as the released loop counts them (§4.6)."""
+  return n_train // config.train.batch_size + 1
+
+
+def check_config(config: ml_collections.ConfigDict, ds: Dataset) -> None:
+  """Config/data combinations that cannot run, as one-line errors."""
+  if config.model.name == "mmssl" and not ds.modalities:
+    raise DataError(
+        f"{ds.name}: MMSSL needs at least one modality but the dataset has no "
+        "<modality>_feat.npy files (use model=lightgcn, or add features)")
+  if config.model.name not in ("mmssl", "lightgcn"):
+    raise ConfigError(f"unknown model.name {config.model.name!r}")
+  if max(config.eval.ks) > ds.n_items:
+    raise ConfigError(f"eval.ks {tuple(config.eval.ks)} exceed the "
+                      f"{ds.n_items} items of dataset {ds.name}")
+  n_steps = steps_per_epoch(config, len(ds.train))
+  if config.model.name == "mmssl" and n_steps <= config.graph_update.T:
+    raise ConfigError(
+        f"graph_update.T={config.graph_update.T} must be smaller than the "
+        f"{n_steps} batches of an epoch of dataset {ds.name}")
+  for name, low in (("checkpoint_keep", 1), ("nan_check_every_steps", 1)):
+    value = config.train[name]
+    if int(value) < low:
+      raise ConfigError(f"train.{name} must be >= {low}, got {value}")
+
+
+@functools.partial(jax.jit, static_argnames=("is_mmssl", "hp", "layers"))
+def _final_embeddings(state: state_lib.TrainState, inputs, is_base=None, *,
+                      is_mmssl: bool, hp: model_lib.ModelHParams, layers: int):
+  if not is_mmssl:
+    return model_lib.lightgcn_forward(state.params, inputs.graph, layers)
+  out = model_lib.forward(state.params, inputs.graph, inputs.features,
+                          state.modality_graphs, key=state.rng, train=False,
+                          hp=hp, modality_is_base=is_base)
+  return out.user, out.item
+
+
+def _host_inputs(config, ds: Dataset) -> state_lib.StepInputs:
+  """The step inputs as numpy arrays (graph, features, sampler tables)."""
+  norm = "one_sided" if config.model.name == "mmssl" else "symmetric"
+  return state_lib.StepInputs(
+      graph=graph_lib.build_graph(ds.train.users, ds.train.items, ds.n_users,
+                                  ds.n_items, norm=norm),
+      features=dict(ds.modalities),
+      sampler=sampler_lib.build_sampler_tables(ds.train, ds.n_users))
+
+
+class Run:
+  """Everything built once for a run: shapes, step inputs, eval sets, step.
+
+  Args:
+    config: the run config.
+    ds: its dataset (validated).
+    mesh: the device mesh to shard the run over (`parallel.run_mesh`), or
+      None for one device. On a mesh the step is one `jax.jit` with explicit
+      in/out shardings, the inputs and state are global arrays (item-indexed
+      ones split over 'item'), graphs propagate without their CSR fields
+      (`graph.without_csr`), and evaluation splits each user block over
+      'data' (and ranks item shard by item shard with an item axis).
+
+  It keeps device copies of what the steps read and no reference to the
+  host `Dataset` (0.6 GiB of host memory at I = 1e6), so a caller that drops
+  its own frees it.
+
+  Raises:
+    ValueError: sizes the mesh cannot split (batch, items, item blocks).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, ds: Dataset,
+               mesh: Mesh | None = None):
+    self.config, self.mesh = config, mesh
+    self.modality_dims = ds.modality_dims
+    self.is_mmssl = config.model.name == "mmssl"
+    self.shapes = steps.Shapes(
+        ds.n_users, ds.n_items, len(ds.train), tuple(ds.modalities),
+        batch_positives=steps.batch_positives_capacity(
+            np.bincount(ds.train.users, minlength=ds.n_users),
+            config.train.batch_size))
+    if mesh is not None:
+      parallel.check_batch(config, mesh)
+      parallel.check_items(config, ds.n_items, mesh)
+    self.step_config = steps.StepConfig.from_config(
+        config, self.shapes, parallel.StepSharding.of(mesh))
+    self.steps_per_epoch = steps_per_epoch(config, len(ds.train))
+    block = config.eval.block_users
+    test_exclude = ([ds.train, ds.val] if config.eval.exclude_val_in_test
+                    else [ds.train])
+    self.val_set, self.test_set = (
+        evaluation.build_eval_set(target=target, exclude=exclude,
+                                  n_users=ds.n_users, n_items=ds.n_items,
+                                  block_users=block)
+        for target, exclude in ((ds.val, [ds.train]), (ds.test, test_exclude)))
+    self._embedding_args = dict(is_mmssl=self.is_mmssl,
+                                hp=self.step_config.model,
+                                layers=self.step_config.lightgcn_layers)
+    inputs = _host_inputs(config, ds)
+    if mesh is None:
+      self.inputs = jax.tree.map(jnp.asarray, inputs)
+      self.state_shardings = None
+      self.step = steps.make_step(self.step_config)
+    else:
+      self._place_on_mesh(inputs)
+
+  def _place_on_mesh(self, inputs: state_lib.StepInputs) -> None:
+    """Global inputs, state shardings, the sharded step and eval sets."""
+    mesh = self.mesh
+    inputs = inputs._replace(graph=graph_lib.without_csr(inputs.graph))
+    input_s = parallel.inputs_shardings(inputs, mesh)
+    self.inputs = parallel.put_global(inputs, input_s)
+    abstract = jax.eval_shape(self._init_state_unplaced)
+    self.state_shardings = parallel.state_shardings(abstract, mesh,
+                                                    self.shapes.n_items)
+    rep = parallel.replicated(mesh)
+    self.step = steps.make_step(
+        self.step_config, in_shardings=(self.state_shardings, rep, input_s),
+        out_shardings=(self.state_shardings, rep))
+    self.val_set = parallel.shard_eval_set(self.val_set, mesh)
+    self.test_set = parallel.shard_eval_set(self.test_set, mesh)
+
+  def _init_state_unplaced(self) -> state_lib.TrainState:
+    state = steps.init_state(self.config, self.step_config,
+                             self.modality_dims,
+                             jax.random.key(self.config.seed))
+    if self.mesh is None:
+      return state
+    return state._replace(modality_graphs={
+        m: graph_lib.without_csr(g) for m, g in state.modality_graphs.items()})
+
+  def init_state(self) -> state_lib.TrainState:
+    """The initial train state (placed on the mesh, if any)."""
+    state = self._init_state_unplaced()
+    if self.mesh is None:
+      return state
+    return parallel.put_global(state, self.state_shardings)
+
+  def compile_step(self, state) -> float | None:
+    """Compiles `step` for `state` before the first iteration; returns the
+    seconds it took, or None for a step that is not a `jax.jit` function
+    (a wrapper, compiled at its first call).
+
+    The one compilation of the run, done ahead of time so that the memory
+    XLA frees afterwards can be handed back to the OS before the step's
+    scratch is allocated: at I = 1e6 it would otherwise stay resident
+    (0.5 GiB) next to the step's peak (docs/results.md, scale).
+    """
+    if not hasattr(self.step, "lower"):
+      return None
+    t0 = time.perf_counter()
+    self.step = self.step.lower(state, jnp.int32(0), self.inputs).compile()
+    release_freed_host_memory()
+    return time.perf_counter() - t0
+
+  def final_embeddings(self, state):
+    """Final user and item representations in eval mode (no dropout)."""
+    return _final_embeddings(state, self.inputs, self.modality_is_base(state),
+                             **self._embedding_args)
+
+  def modality_is_base(self, state):
+    """Whether state's G^m is still the base graph (`model.forward`)."""
+    if not self.is_mmssl:
+      return None
+    return modality_graphs.is_base(self.step_config.graphs, state.step)
+
+  def evaluate(self, state, split: str) -> dict[str, float]:
+    """Full-ranking metrics of `state` on the 'val' or 'test' split."""
+    user, item = self.final_embeddings(state)
+    eval_set = self.val_set if split == "val" else self.test_set
+    item_mesh = self.mesh if self.step_config.sharding.split_items else None
+    return evaluation.evaluate(user, item, eval_set, ks=self.config.eval.ks,
+                               mesh=item_mesh)
+
+  def train_epoch(self, state):
+    """Runs one epoch of steps; returns the state and mean loss terms."""
+    history = []
+    for idx in range(self.steps_per_epoch):
+      state, terms = self.step(state, jnp.int32(idx), self.inputs)
+      history.append(terms)
+    return state, epoch_means(jax.device_get(history))
+
+
+def epoch_means(history) -> dict[str, float]:
+  """Mean of each loss term over an epoch's steps (float32, as logged)."""
+  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+def release_freed_host_memory() -> None:
+  """Returns the free pages of the C heap to the OS (glibc; else nothing).
+
+  Building a run and compiling its step free many small host allocations
+  (the compiler's, per-user lists); glibc keeps those pages resident until
+  `malloc_trim`, while the step's own big buffers are fresh mappings.
+  """
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
