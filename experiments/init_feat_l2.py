@@ -47,7 +47,7 @@ def seeds_arg(text: str) -> list[int]:
 
 
 def propagators(train_mat):
-  """The one-sided graphs of §2.3 a as float64 scipy matrices."""
+  """The one-sided graphs of §2.1 as float64 scipy matrices."""
   def norm(m):
     d = np.power(np.asarray(m.sum(1)).flatten() + 1e-8, -0.5)
     d[np.isinf(d)] = 0.0

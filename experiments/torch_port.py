@@ -8,7 +8,7 @@ and `scipy` in their own environment (the project never installs torch):
   /tmp/torchenv/bin/python experiments/torch_port.py \
       --data=PATH/tiktok --dataset=tiktok --epochs=1 --seed=2022
 
-It follows the reference description's §2-§5 (the released code's forward, losses,
+It follows docs/reference.md §2-§5 (the released code's forward, losses,
 critic, T schedule, sampler and evaluation), written from that description
 and a reading of the released code, with no line of it copied. It is
 written so that every random draw happens in the same order, on the same
@@ -99,7 +99,7 @@ class Data:
 
 
 def one_sided_norm(mat):
-  """§2.3 a: D_row^{-1/2} M (the released `csr_norm(mean_flag=True)`), as torch sparse f32."""
+  """§2.1: D_row^{-1/2} M (the released `csr_norm(mean_flag=True)`), as torch sparse f32."""
   rowsum = np.power(np.asarray(mat.sum(1)).flatten() + 1e-8, -0.5)
   rowsum[np.isinf(rowsum)] = 0.0
   coo = (sp.diags(rowsum) * mat).tocoo().astype(np.float32)
@@ -180,7 +180,7 @@ def forward(model, ui, iu, modality_graphs):
 
 
 class Critic(nn.Module):
-  """§3.3: I -> I/4 -> I/8 -> 1, slope-1 LeakyReLU, BatchNorm, dropout, 100 sigmoid."""
+  """§3.5: I -> I/4 -> I/8 -> 1, slope-1 LeakyReLU, BatchNorm, dropout, 100 sigmoid."""
 
   def __init__(self, n_items, c):
     super().__init__()
@@ -228,7 +228,7 @@ def infonce(z1, z2, tau, block=1024):
 
 
 def gradient_penalty(critic, real, fake, batch_size):
-  """§3.3: per-row interpolation, weight 0.3."""
+  """§3.5: per-row interpolation, weight 0.3."""
   alpha = torch.rand(batch_size * 2, 1).expand_as(real)
   x = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_()
   out = critic(x)

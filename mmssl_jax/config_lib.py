@@ -7,7 +7,7 @@ big_vision-style argument string, e.g.
 of named config switches.
 
 Variants: `reference` (the released code, the default) and `paper` (see
-`paper()`: each correction of mmssl_reference.md §8.1 is its own switch).
+`paper()`: each correction of docs/reference.md §8.1 is its own switch).
 
 Ablations (`ablation=` values; `variant=wo_cl` etc. is accepted too):
   full     the model as configured.
@@ -29,7 +29,7 @@ ABLATIONS = ("full", "wo_asl", "wo_cl", "wo_gt", "rp_gae")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The released code's HEAD defaults (`mmssl_reference.md` §6.1)."""
+  """The released code's HEAD defaults (docs/reference.md §6.1)."""
   c = ml_collections.ConfigDict()
   c.seed = 2022
   c.variant = "reference"  # or 'paper' (`paper()` sets its switches)

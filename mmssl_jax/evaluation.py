@@ -1,7 +1,7 @@
 """Full-ranking top-K evaluation without a dense users x items matrix.
 
 Implements the reference protocol of section 5 of
-`shared/spec/mmssl_reference.md` (`utility/batch_test.py::test_torch`,
+docs/reference.md (`utility/batch_test.py::test_torch`,
 `metrics.py`): every evaluated user ranks the whole catalogue minus the items of
 the excluded splits (the reference excludes train items only), the top max(ks)
 items are kept, and Recall, Precision, Hit and NDCG are averaged over the users

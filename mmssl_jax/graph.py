@@ -2,7 +2,7 @@
 
 Graphs are edge lists (`BipartiteGraph`): parallel `users`/`items` index arrays
 plus one weight per direction, so that one function serves the one-sided
-normalisation of the released code (`mmssl_reference.md` §2.1), LightGCN's
+normalisation of the released code (docs/reference.md §2.1), LightGCN's
 symmetric normalisation and the fixed-capacity modality graphs regenerated
 during training (§4.4). Aggregation is `jraph.segment_sum` over the edges, the
 sparse product A @ X without ever forming A densely.

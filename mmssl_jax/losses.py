@@ -3,7 +3,7 @@
 Every function is pure, takes its hyper-parameters as keyword-only arguments and
 checks shapes at entry with chex (so the checks also run under `jax.jit`). The
 module depends on jax and chex only, not on Flax, so it can be imported into
-any JAX code. Section numbers refer to `shared/spec/mmssl_reference.md`, the
+any JAX code. Section numbers refer to docs/reference.md, the
 specification of the released PyTorch code (`variant='reference'`).
 """
 
@@ -135,8 +135,8 @@ def gumbel_logits(*, interactions: chex.Array, gumbel: chex.Array,
   by operator precedence only the noise term is divided by tau, so the 0/1
   row R enters the softmax at temperature 1 (mass e/(k e + I - k) on each of
   the k positives, 1/(k e + I - k) elsewhere) and `real_data_tau` only scales
-  the noise. `mmssl_reference.md` §3.5 writes (R + s_g g)/tau, which would put
-  all the mass on the positives; we follow the code (README, "Fidelity").
+  the noise. Dividing the whole logits, (R + s_g g)/tau, would put all the
+  mass on the positives; the released code does not (docs/fidelity.md).
   Paper (log_logits=True), a Gumbel-softmax sample of one observed item:
     (log(R / |R|_1 + 1e-8) + s_g * g) / tau.
 

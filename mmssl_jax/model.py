@@ -1,7 +1,7 @@
 """The recommender forward pass, pure over a params pytree.
 
 `forward` is MMSSL's recommender as the released code computes it
-(`mmssl_reference.md` §2.3, steps a-h); `lightgcn_forward` is the ID branch
+(docs/reference.md §2.3, steps a-h); `lightgcn_forward` is the ID branch
 alone, our LightGCN baseline. Parameters are plain nested dicts created by the
 `init_*` functions with the released initialisations (§2.2).
 

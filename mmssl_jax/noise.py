@@ -1,7 +1,7 @@
 """Counter-based U[0, 1) noise for the step's large random draws.
 
 Each training iteration draws one uniform per (batch user, item) for the
-Gumbel transform of the "real" rows (`mmssl_reference.md` §3.5) and one per
+Gumbel transform of the "real" rows (docs/reference.md §3.5) and one per
 (item, dim) per modality for the feature dropout of both forwards (§2.3 a).
 `jax.random`'s threefry costs about 15 ns per value on this project's CPU
 (100 ms for one (1024, 6710) TikTok draw, a third of a low-rank-critic step,

@@ -1,4 +1,4 @@
-"""Meshes and shardings: data and item parallelism (design.md "Scale").
+"""Meshes and shardings: data and item parallelism (docs/reference.md §9).
 
 A 2-D mesh ('data', 'item') of shape (train.data_parallel,
 train.item_parallel) over the devices of all processes (`jax.make_mesh`).

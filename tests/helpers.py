@@ -1,6 +1,6 @@
 """Shared helpers for the graph/model/sampler/steps/train tests.
 
-Naive dense numpy references written from `shared/spec/mmssl_reference.md`
+Naive dense numpy references written from docs/reference.md
 (not from the code under test), config loading, and a cheap way to compile a
 train step once (lower optimisation level, for tests that only check that a
 configuration builds and runs).

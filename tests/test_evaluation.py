@@ -1,6 +1,6 @@
 """Tests of mmssl_jax.evaluation against a naive numpy reference and toy cases.
 
-The naive reference follows section 5 of shared/spec/mmssl_reference.md
+The naive reference follows section 5 of docs/reference.md
 literally: dense scores, a python loop over users, a binary hit list r of the
 top max(ks) candidates, and the reference NDCG DCG(r[:K]) / DCG(sorted(r)[:K]).
 """

@@ -1,7 +1,7 @@
 """Tests for mmssl_jax.losses against naive loop implementations.
 
 Each loss is compared with a literal, loop-based transcription of the formula in
-`shared/spec/mmssl_reference.md` (values and, through autodiff of the naive
+docs/reference.md (values and, through autodiff of the naive
 version, gradients), plus hand-computed cases.
 """
 

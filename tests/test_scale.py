@@ -1,6 +1,6 @@
 """Tests of the linear-cost critic and the blockwise fused generator.
 
-design.md "Scale": `critic.kind='lowrank'` (first layer W_0 = U V, parameters
+docs/reference.md §9: `critic.kind='lowrank'` (first layer W_0 = U V, parameters
 and cost linear in I) and, with `train.generator_block > 0`, generated rows,
 real rows and the top-k refresh computed item block by item block
 (`generator.blockwise_topk`, `generator.fused_real_rows`). Each is checked

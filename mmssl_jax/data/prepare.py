@@ -5,7 +5,7 @@ r"""Builds a dataset folder from a raw interaction log (CSV/TSV) and item featur
       --user_col=user --item_col=item --time_col=timestamp --kcore=5 \
       --split=random --seed=123 --format=mmssl
 
-Steps, in order (the Amazon pipeline of LATTICE / MMSSL, `mmssl_reference.md`
+Steps, in order (the Amazon pipeline of LATTICE / MMSSL, docs/reference.md
 §1.3, with string ids and an optional chronological split):
   1. Read the log. A header line is required; the user, item and (optional)
      timestamp columns are found by name. `--sep=auto` uses a tab if the

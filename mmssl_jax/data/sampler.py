@@ -1,6 +1,6 @@
 """BPR batch sampling on device, as a pure function of a PRNG key.
 
-The released sampler (`mmssl_reference.md` §4.2) draws B distinct users
+The released sampler (docs/reference.md §4.2) draws B distinct users
 uniformly from the users with training items (with replacement when B exceeds
 their number), one positive uniformly from each user's training items and one
 negative uniformly from the items that are not training items of that user.
