@@ -1,22 +1,22 @@
-r"""MMSSL on Allrecipes with the authors' Allrecipes settings (§6.2).
+r"""MMSSL on Allrecipes with the authors' Allrecipes settings (docs/reference.md §6.2).
 
-  python -m mmssl_jax.main --config=configs/allrecipes.py \
-      --config.data.dir=PATH/TO/allrecipes --workdir=/tmp/mmssl_allrecipes
+  python -m mmssl_jax.main --config=configs/allrecipes.py --workdir=runs/allrecipes
 
-Allrecipes is not in ../shared/data (the authors removed it from their drive).
+The released code's authors no longer distribute this dataset.
 
-Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/allrecipes.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
-`configs/allrecipes.py:variant=paper`;
-LightGCN baseline: `configs/allrecipes.py:model=lightgcn`.
+Data: the folder `--config.data.dir`, by default `$MMSSL_DATA/allrecipes` when
+MMSSL_DATA is set, else `data/allrecipes` under the working directory; it holds
+train.json, val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
+tstMat.pkl) and <modality>_feat.npy files (README, "Data").
+Variants: `configs/allrecipes.py:variant=paper`, `:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`:model=lightgcn`, `:modalities=image+text` (combine with commas).
 """
 
 from mmssl_jax import config_lib
 
 
 def get_config(arg=None):
-  c = config_lib.base_config()
-  c.data.expected_files = "train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy"
+  c = config_lib.dataset_config("allrecipes")
   c.optim.lr = 0.00056
   c.critic.lr = 0.00025
   c.loss.g_rate = 0.0003

@@ -1,20 +1,20 @@
-r"""MMSSL on Amazon-Clothing with the HEAD defaults (no author settings exist).
+r"""MMSSL on Amazon-Clothing with the released defaults (no settings were published).
 
-  python -m mmssl_jax.main --config=configs/clothing.py \
-      --config.data.dir=PATH/TO/clothing --workdir=/tmp/mmssl_clothing
+  python -m mmssl_jax.main --config=configs/clothing.py --workdir=runs/clothing
 
-Clothing is listed in the released parser help only; no settings were published.
+Clothing is named in the released code's options only.
 
-Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/clothing.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
-`configs/clothing.py:variant=paper`;
-LightGCN baseline: `configs/clothing.py:model=lightgcn`.
+Data: the folder `--config.data.dir`, by default `$MMSSL_DATA/clothing` when
+MMSSL_DATA is set, else `data/clothing` under the working directory; it holds
+train.json, val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
+tstMat.pkl) and <modality>_feat.npy files (README, "Data").
+Variants: `configs/clothing.py:variant=paper`, `:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`:model=lightgcn`, `:modalities=image+text` (combine with commas).
 """
 
 from mmssl_jax import config_lib
 
 
 def get_config(arg=None):
-  c = config_lib.base_config()
-  c.data.expected_files = "train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy"
+  c = config_lib.dataset_config("clothing")
   return config_lib.apply_arg(c, arg)

@@ -14,7 +14,6 @@ from mmssl_jax import config_lib
 def get_config(arg=None):
   c = config_lib.base_config()
   c.data.source = "synthetic"
-  c.data.expected_files = ""
   c.train.batch_size = 512
   c.train.epochs = 20
   c.optim.lr = 2e-3

@@ -1,21 +1,23 @@
-r"""MMSSL on MovieLens-100K (text + genre) with the Baby settings.
+r"""MMSSL on MovieLens-100K (text + genre features) with the Baby settings.
 
-  python -m mmssl_jax.main --config=configs/ml100k.py \
-      --config.data.dir=PATH/TO/ml100k --workdir=/tmp/mmssl_ml100k
+  python -m mmssl_jax.main --config=configs/ml100k.py --workdir=runs/ml100k
 
-The released code was measured on this data with the Baby settings (anchors.md);
-batch 1024 > 943 users, so batches are drawn with replacement (§4.2).
+The released code was measured on this data with the Baby settings
+(docs/fidelity.md); batch 1024 > 943 users, so batches are drawn with
+replacement (docs/reference.md §4.2). `python -m mmssl_jax.data.prepare` builds
+such a folder from the MovieLens files.
 
-Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/ml100k.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
-`configs/ml100k.py:variant=paper`;
-LightGCN baseline: `configs/ml100k.py:model=lightgcn`.
+Data: the folder `--config.data.dir`, by default `$MMSSL_DATA/ml100k` when
+MMSSL_DATA is set, else `data/ml100k` under the working directory; it holds
+train.json, val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
+tstMat.pkl) and <modality>_feat.npy files (README, "Data").
+Variants: `configs/ml100k.py:variant=paper`, `:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`:model=lightgcn`, `:modalities=image+text` (combine with commas).
 """
 
 from mmssl_jax import config_lib
 
 
 def get_config(arg=None):
-  c = config_lib.base_config()
-  c.data.expected_files = "train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy"
+  c = config_lib.dataset_config("ml100k")
   return config_lib.apply_arg(c, arg)

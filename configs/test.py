@@ -9,7 +9,6 @@ from mmssl_jax import config_lib
 def get_config(arg=None):
   c = config_lib.base_config()
   c.data.source = "synthetic"
-  c.data.expected_files = ""
   s = c.data.synthetic
   s.n_users, s.n_items, s.n_factors, s.mean_interactions = 120, 90, 4, 8
   s.modality_dims = {"image": 12, "text": 8}

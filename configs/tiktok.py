@@ -1,23 +1,23 @@
-r"""MMSSL on TikTok with the authors' TikTok settings (§6.2).
+r"""MMSSL on TikTok with the authors' TikTok settings (docs/reference.md §6.2).
 
-  python -m mmssl_jax.main --config=configs/tiktok.py \
-      --config.data.dir=PATH/TO/tiktok --workdir=/tmp/mmssl_tiktok
+  python -m mmssl_jax.main --config=configs/tiktok.py --workdir=runs/tiktok
 
-The shared TikTok folder has image and audio features (text is missing);
-both are used (every *_feat.npy, sorted: audio, image).
+TikTok as MMSSL distributes it has image (visual), audio (acoustic) and text
+features; every *_feat.npy in the folder is used unless `modalities=` names some.
 
-Expected files in --config.data.dir: train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy.
-Ablations: `configs/tiktok.py:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
-`configs/tiktok.py:variant=paper`;
-LightGCN baseline: `configs/tiktok.py:model=lightgcn`.
+Data: the folder `--config.data.dir`, by default `$MMSSL_DATA/tiktok` when
+MMSSL_DATA is set, else `data/tiktok` under the working directory; it holds
+train.json, val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
+tstMat.pkl) and <modality>_feat.npy files (README, "Data").
+Variants: `configs/tiktok.py:variant=paper`, `:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
+`:model=lightgcn`, `:modalities=image+audio` (combine with commas).
 """
 
 from mmssl_jax import config_lib
 
 
 def get_config(arg=None):
-  c = config_lib.base_config()
-  c.data.expected_files = "train.json, val.json, test.json (or trnMat.pkl/valMat.pkl/tstMat.pkl, or <name>.inter) and <modality>_feat.npy"
+  c = config_lib.dataset_config("tiktok")
   c.optim.lr = 0.00054
   c.loss.g_rate = 0.0018
   c.loss.real_data_tau = 0.002

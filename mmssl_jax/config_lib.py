@@ -1,10 +1,10 @@
 """Shared pieces of the config files in `configs/` (configs are code).
 
-Every file in `configs/` builds on `base_config()` and accepts a
-big_vision-style argument string, e.g.
-`--config=configs/tiktok.py:variant=paper,ablation=wo_cl` or
-`configs/tiktok.py:model=lightgcn`. Variants and ablations are only bundles
-of named config switches.
+Every file in `configs/` builds on `base_config()` (a dataset's on
+`dataset_config(name)`) and accepts a big_vision-style argument string, e.g.
+`--config=configs/tiktok.py:variant=paper,ablation=wo_cl`,
+`configs/tiktok.py:model=lightgcn` or `configs/tiktok.py:modalities=image+audio`.
+Variants and ablations are only bundles of named config switches.
 
 Variants: `reference` (the released code, the default) and `paper` (see
 `paper()`: each correction of docs/reference.md §8.1 is its own switch).
@@ -22,6 +22,9 @@ Ablations (`ablation=` values; `variant=wo_cl` etc. is accepted too):
 
 from __future__ import annotations
 
+import os
+import re
+
 import ml_collections
 
 VARIANTS = ("reference", "paper")
@@ -37,10 +40,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "folder"  # 'folder' or 'synthetic'
+  c.data.name = ""  # a dataset config's name: the default folder's name
+  # "" = $MMSSL_DATA/<name> if MMSSL_DATA is set, else data/<name>
+  # (`data_folder_candidates`).
   c.data.dir = ""
   c.data.format = "auto"  # 'auto', 'mmssl', 'mmrec' or 'pickle'
-  c.data.modalities = []  # [] = every *_feat.npy in the folder, sorted
-  c.data.expected_files = "train.json, val.json, test.json, <modality>_feat.npy"
+  # () = every *_feat.npy in the folder, sorted; on the command line
+  # --config.data.modalities=image,text (`modality_names`).
+  c.data.modalities = ()
   c.data.synthetic = synthetic_config()
 
   c.model = ml_collections.ConfigDict()
@@ -138,6 +145,46 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def dataset_config(name: str) -> ml_collections.ConfigDict:
+  """`base_config()` for the dataset folder called `name` (configs/*.py)."""
+  c = base_config()
+  c.data.name = name
+  return c
+
+
+def data_folder_candidates(data_config: ml_collections.ConfigDict
+                           ) -> list[str]:
+  """The folders a config's dataset may be in, in the order they are tried.
+
+  `data.dir` when set; else, for a dataset config, `$MMSSL_DATA/<name>`
+  when the MMSSL_DATA environment variable is set, then `data/<name>`
+  under the working directory.
+  """
+  if data_config.dir:
+    return [data_config.dir]
+  if not data_config.name:
+    return []
+  out = []
+  if os.environ.get("MMSSL_DATA"):
+    out.append(os.path.join(os.environ["MMSSL_DATA"], data_config.name))
+  out.append(os.path.join("data", data_config.name))
+  return out
+
+
+def modality_names(value) -> tuple[str, ...]:
+  """`data.modalities` as a tuple of names; () means every modality.
+
+  Accepts a tuple or list of names, each of which may itself hold names
+  separated by commas or '+' (`--config.data.modalities=image,text` gives
+  ('image,text',), `configs/tiktok.py:modalities=image+audio`).
+  """
+  if isinstance(value, str):
+    value = (value,)
+  names = [name.strip() for item in value
+           for name in re.split(r"[,+]", str(item))]
+  return tuple(name for name in names if name)
+
+
 def synthetic_config() -> ml_collections.ConfigDict:
   """Parameters of the embedded synthetic dataset (`data/synthetic.py`)."""
   s = ml_collections.ConfigDict()
@@ -214,8 +261,8 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None):
   """Applies a `key=value,key=value` config argument.
 
   Keys: `variant` ('reference' or 'paper'; an ablation name is accepted as a
-  shorthand for `ablation=`), `ablation` (one of ABLATIONS) and `model`
-  ('mmssl' or 'lightgcn').
+  shorthand for `ablation=`), `ablation` (one of ABLATIONS), `model`
+  ('mmssl' or 'lightgcn') and `modalities` (names joined by '+').
   """
   if not arg:
     return c
@@ -228,6 +275,8 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None):
         paper(c)
     elif key in ("variant", "ablation"):
       apply_ablation(c, value)
+    elif key == "modalities":
+      c.data.modalities = modality_names(value)
     elif key == "model":
       if value == "lightgcn":
         lightgcn(c)
@@ -235,5 +284,5 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None):
         raise ValueError(f"model={value!r}: expected 'mmssl' or 'lightgcn'")
     else:
       raise ValueError(f"unknown config argument key {key!r} "
-                       "(expected variant=, ablation= or model=)")
+                       "(expected variant=, ablation=, model= or modalities=)")
   return c

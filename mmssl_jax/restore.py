@@ -86,7 +86,7 @@ def restore_run(workdir: str, *, which: str | int = "best",
         os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), read_only=True)
     with store:
       step = _checkpoint_step(store, which)
-      ds = run_lib.load_dataset(config.data)
+      config, ds, _ = run_lib.load(config)
       # A run trained on a mesh saved a state without CSR fields: rebuild
       # it as such, on a one-device mesh of this process.
       mesh = (parallel.make_mesh(n_devices=1, item_devices=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import time
 
 import jax
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from mmssl_jax import config_lib
 from mmssl_jax import evaluation
 from mmssl_jax import graph as graph_lib
 from mmssl_jax import model as model_lib
@@ -37,8 +39,35 @@ class ConfigError(ValueError):
   """A config that cannot run (with this dataset); a one-line message."""
 
 
+def resolve_data_dir(config: ml_collections.ConfigDict
+                     ) -> ml_collections.ConfigDict:
+  """`config` with `data.dir` set to the dataset folder found (a copy).
+
+  A dataset config without `--config.data.dir` looks in
+  `config_lib.data_folder_candidates`; the error names every folder it
+  looked in and the files a dataset folder holds.
+  """
+  data = config.data
+  if data.source != "folder" or data.dir:
+    return config
+  tried = config_lib.data_folder_candidates(data)
+  found = [path for path in tried if os.path.isdir(path)]
+  if not found:
+    where = f" (looked in {', '.join(tried)})" if tried else ""
+    env = (f", or set MMSSL_DATA to the folder that holds {data.name}/"
+           if data.name and not os.environ.get("MMSSL_DATA") else "")
+    raise DataError(
+        f"no dataset folder for {data.name or 'this config'}{where}: pass "
+        f"--config.data.dir=PATH{env}; a dataset folder holds "
+        f"{formats.EXPECTED_FILES}")
+  config = config.copy_and_resolve_references()
+  config.data.dir = os.path.abspath(found[0])
+  return config
+
+
 def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
-  """The dataset named by `config.data` (synthetic, or a folder on disk)."""
+  """The dataset named by `config.data` (synthetic, or a folder on disk;
+  `resolve_data_dir` first for a dataset config's default folder)."""
   if data_config.source == "synthetic":
     return synthetic.make_synthetic(data_config.synthetic)
   if data_config.source != "folder":
@@ -48,13 +77,74 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     raise DataError(
         "config.data.dir is not set: pass --config.data.dir=PATH, a folder "
         f"with {formats.EXPECTED_FILES}")
-  return formats.load_folder(data_config.dir, format=data_config.format,
-                             modalities=tuple(data_config.modalities))
+  return formats.load_folder(
+      data_config.dir, format=data_config.format,
+      modalities=config_lib.modality_names(data_config.modalities))
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, n_train: int) -> int:
   """Batches of one epoch, as the released loop counts them (§4.6)."""
   return n_train // config.train.batch_size + 1
+
+
+def _adapt_ks(config, n_items: int, name: str) -> list[str]:
+  """Cuts eval.ks and eval.metric's K to the catalogue size."""
+  notes, ks = [], tuple(int(k) for k in config.eval.ks)
+  cut = tuple(sorted({min(k, n_items) for k in ks}))
+  if cut != ks:
+    config.eval.ks = cut
+    notes.append(f"eval.ks {ks} -> {cut}: dataset {name} has {n_items} items")
+  metric, _, k = config.eval.metric.partition("@")
+  if k.isdigit() and int(k) > n_items:
+    config.eval.metric = f"{metric}@{n_items}"
+    notes.append(f"eval.metric {metric}@{k} -> {config.eval.metric}: "
+                 f"dataset {name} has {n_items} items")
+  return notes
+
+
+def _adapt_graphs(config, ds: Dataset) -> list[str]:
+  """The modality-graph schedule on short epochs and small catalogues."""
+  gu, notes = config.graph_update, []
+  n_steps = steps_per_epoch(config, len(ds.train))
+  if gu.schedule == "reference" and gu.T >= n_steps:
+    if n_steps > 1:
+      notes.append(f"graph_update.T {gu.T} -> {n_steps - 1}: an epoch of "
+                   f"dataset {ds.name} has {n_steps} batches")
+      gu.T = n_steps - 1
+    else:
+      notes.append(f"graph_update.T={gu.T}: an epoch of dataset {ds.name} "
+                   "is one batch, so the modality graphs are never "
+                   "regenerated (as in the released code)")
+  if gu.schedule == "persistent" and int(ds.n_items * gu.m_topk_rate) < 1:
+    notes.append(f"graph_update.m_topk_rate {gu.m_topk_rate} -> "
+                 f"1/{ds.n_items}: the persistent graphs need k >= 1 item "
+                 f"of the {ds.n_items} of dataset {ds.name}")
+    gu.m_topk_rate = 1.0 / ds.n_items
+  return notes
+
+
+def adapt_to_dataset(config: ml_collections.ConfigDict, ds: Dataset
+                     ) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """The settings a small dataset cannot use, adapted; one note each.
+
+  Top-K cut to the catalogue (eval.ks, eval.metric), the reference
+  schedule's T to the batches of an epoch, the persistent graphs' k to at
+  least 1, the dense critic's hidden widths to at least 1. Returns a copy of
+  `config` (`config` itself when nothing changes) and the notes, which the
+  caller prints as warnings. Adapting an adapted config changes nothing, so
+  a resumed or restored run is built the same.
+  """
+  adapted = config.copy_and_resolve_references()
+  notes = _adapt_ks(adapted, ds.n_items, ds.name)
+  if config.model.name == "mmssl":
+    notes += _adapt_graphs(adapted, ds)
+    critic = adapted.critic
+    if (critic.kind == "dense" and not critic.hidden and ds.n_items < 8
+        and adapted.loss.adversarial == "wgan"):
+      critic.hidden = (max(1, ds.n_items // 4), 1)
+      notes.append(f"critic.hidden () -> {tuple(critic.hidden)}: dataset "
+                   f"{ds.name} has {ds.n_items} items")
+  return (adapted, notes) if notes else (config, [])
 
 
 def check_config(config: ml_collections.ConfigDict, ds: Dataset) -> None:
@@ -65,18 +155,31 @@ def check_config(config: ml_collections.ConfigDict, ds: Dataset) -> None:
         "<modality>_feat.npy files (use model=lightgcn, or add features)")
   if config.model.name not in ("mmssl", "lightgcn"):
     raise ConfigError(f"unknown model.name {config.model.name!r}")
-  if max(config.eval.ks) > ds.n_items:
-    raise ConfigError(f"eval.ks {tuple(config.eval.ks)} exceed the "
-                      f"{ds.n_items} items of dataset {ds.name}")
-  n_steps = steps_per_epoch(config, len(ds.train))
-  if config.model.name == "mmssl" and n_steps <= config.graph_update.T:
-    raise ConfigError(
-        f"graph_update.T={config.graph_update.T} must be smaller than the "
-        f"{n_steps} batches of an epoch of dataset {ds.name}")
   for name, low in (("checkpoint_keep", 1), ("nan_check_every_steps", 1)):
     value = config.train[name]
     if int(value) < low:
       raise ConfigError(f"train.{name} must be >= {low}, got {value}")
+
+
+def load(config: ml_collections.ConfigDict
+         ) -> tuple[ml_collections.ConfigDict, Dataset, list[str]]:
+  """The dataset of `config` and the config to run it with.
+
+  Finds the dataset folder (`resolve_data_dir`), spells `data.modalities`
+  as a tuple of names, loads and validates the data, adapts the settings
+  the dataset cannot use (`adapt_to_dataset`) and checks the rest
+  (`check_config`). Returns (config, dataset, notes); the notes say what
+  was adapted.
+  """
+  config = resolve_data_dir(config)
+  names = config_lib.modality_names(config.data.modalities)
+  if names != tuple(config.data.modalities):
+    config = config.copy_and_resolve_references()
+    config.data.modalities = names
+  ds = load_dataset(config.data)
+  config, notes = adapt_to_dataset(config, ds)
+  check_config(config, ds)
+  return config, ds, notes
 
 
 @functools.partial(jax.jit, static_argnames=("is_mmssl", "hp", "layers"))

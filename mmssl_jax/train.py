@@ -1,7 +1,9 @@
 """`train_and_evaluate(config, workdir)`: data, state, loop, evaluation, early stop.
 
 Data is loaded and validated, and the workdir inspected, before anything is
-written to `workdir`, so bad input leaves the workdir untouched. Validation
+written to `workdir`, so bad input leaves the workdir untouched. Settings a
+small dataset cannot use are adapted with one warning each
+(`run.adapt_to_dataset`); config.json holds the adapted values. Validation
 runs every `eval.every_epochs`; the test split is evaluated whenever
 validation `eval.metric` improves, and the reported result is the test
 metrics at the best validation epoch (docs/reference.md §4.6). Training
@@ -115,8 +117,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     FloatingPointError: a non-finite loss term or state (NaN guard).
     preemption.Preempted: SIGTERM/SIGINT; a checkpoint was saved.
   """
-  ds = run_lib.load_dataset(config.data)
-  run_lib.check_config(config, ds)
+  config, ds, notes = run_lib.load(config)
+  for note in notes:
+    if multihost.is_primary():
+      logging.warning("adapted to the dataset: %s", note)
   # Process 0 locks an existing workdir before reading it, a new one as it
   # creates it (`workdir.prepare_workdir`), and holds the lock to the end.
   lock = workdir_lib.WorkdirLock(workdir)

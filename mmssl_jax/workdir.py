@@ -53,6 +53,7 @@ RESUMABLE_FIELDS = (
     "train.tensorboard",
     "eval.patience",
     "eval.block_users",
+    "data.name",  # names the default folder; data.dir holds the one used
     "data.expected_files",  # a description, in configs of older versions
 )
 

@@ -114,14 +114,20 @@ def test_workdir_with_foreign_metrics_raises_file_exists(tmp_path):
   assert _files(workdir) == before
 
 
-def test_folder_config_without_data_dir_raises_and_writes_nothing(tmp_path):
+def test_folder_config_without_data_dir_raises_and_writes_nothing(
+    tmp_path, monkeypatch):
+  """No data/tiktok here and no MMSSL_DATA: one line naming the folder it
+  looked in, the flag, the variable and the files a dataset folder holds."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.delenv("MMSSL_DATA", raising=False)
   config = helpers.load_config("tiktok")
   assert config.data.dir == ""
   workdir = tmp_path / "run"
   with pytest.raises(DataError) as info:
     train.train_and_evaluate(config, str(workdir))
   message = str(info.value)
-  assert "data.dir" in message
+  for part in ("data/tiktok", "--config.data.dir", "MMSSL_DATA"):
+    assert part in message
   for expected in ("train.json", "val.json", "test.json", "_feat.npy"):
     assert expected in message
   assert "\n" not in message
