@@ -8,7 +8,6 @@ from pathlib import Path
 import pickle
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -282,9 +281,7 @@ def test_convert_cli(mmssl_dir: Path, tmp_path: Path):
 
 @pytest.mark.requires_shared_data
 def test_real_tiktok(shared_data: Path):
-  start = time.perf_counter()
   ds = formats.load_folder(shared_data / "tiktok")
-  assert time.perf_counter() - start < 2.0
   assert ds.name == "tiktok"
   assert (ds.n_users, ds.n_items) == (9308, 6710)
   assert (len(ds.train), len(ds.val), len(ds.test)) == (59541, 3051, 6130)

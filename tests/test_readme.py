@@ -331,8 +331,8 @@ class Sandbox:
     for a in args:
       m = re.match(r"--config\.([\w.]+)=", a)
       if m and not _config_field_exists(m.group(1)):
-        pytest.skip(f"config field {m.group(1)} is not in "
-                    "config_lib.base_config() yet")
+        pytest.fail(f"README names config field {m.group(1)}, which "
+                    "config_lib.base_config() does not have")
     args.append("--config.train.epochs=1")
     data_dir = _flag(args, "config.data.dir")
     if data_dir is not None:
@@ -464,3 +464,12 @@ def test_readme_python_block(sandbox):
       exec(code_object, namespace)  # pylint: disable=exec-used
     if "item_ids" in namespace:
       assert namespace["item_ids"].shape == namespace["scores"].shape
+
+
+def test_a_command_naming_an_unknown_config_field_fails(sandbox):
+  """A README command with a config field that does not exist fails the
+  test (it is never skipped)."""
+  argv = shlex.split("python -m mmssl_jax.main --config=configs/test.py "
+                     "--config.train.no_such_field=1 --workdir=runs/x")
+  with pytest.raises(pytest.fail.Exception, match="train.no_such_field"):
+    sandbox.train(argv)
