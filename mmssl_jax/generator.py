@@ -264,6 +264,27 @@ def block_uniform(key: jax.Array, n_rows: int, block: int,
                        col_offset=block * block_size)
 
 
+def _real_row_stats(block_terms, xs, b: int, use_gumbel: bool):
+  """The first scan of `fused_real_rows`: per row, ||S||^2 and (with the
+  Gumbel transform) the softmax's running max and sum over item blocks."""
+
+  def body(carry, x):
+    _, s, z = block_terms(x)
+    carry = dict(carry, sq=carry["sq"] + jnp.sum(jnp.square(s), axis=-1))
+    if use_gumbel:
+      new_max = jnp.maximum(carry["max"], jnp.max(z, axis=-1))
+      carry["sum"] = (carry["sum"] * jnp.exp(carry["max"] - new_max) +
+                      jnp.sum(jnp.exp(z - new_max[:, None]), axis=-1))
+      carry["max"] = new_max
+    return carry, None
+
+  init = {"sq": jnp.zeros((b,), jnp.float32)}
+  if use_gumbel:
+    init.update(max=jnp.full((b,), -jnp.inf, jnp.float32),
+                sum=jnp.zeros((b,), jnp.float32))
+  return jax.lax.scan(body, init, xs)[0]
+
+
 def fused_real_rows(key: jax.Array, user_repr: jax.Array,
                     item_repr: jax.Array, item_lists: jax.Array,
                     factor: jax.Array, *, block_size: int,
@@ -319,21 +340,7 @@ def fused_real_rows(key: jax.Array, user_repr: jax.Array,
     z = rows_c(jnp.where(valid, logits, -jnp.inf))
     return r, s, z
 
-  def stats_body(carry, x):
-    _, s, z = block_terms(x)
-    carry = dict(carry, sq=carry["sq"] + jnp.sum(jnp.square(s), axis=-1))
-    if use_gumbel:
-      new_max = jnp.maximum(carry["max"], jnp.max(z, axis=-1))
-      carry["sum"] = (carry["sum"] * jnp.exp(carry["max"] - new_max) +
-                      jnp.sum(jnp.exp(z - new_max[:, None]), axis=-1))
-      carry["max"] = new_max
-    return carry, None
-
-  init = {"sq": jnp.zeros((b,), jnp.float32)}
-  if use_gumbel:
-    init.update(max=jnp.full((b,), -jnp.inf, jnp.float32),
-                sum=jnp.zeros((b,), jnp.float32))
-  stats, _ = jax.lax.scan(stats_body, init, xs)
+  stats = _real_row_stats(block_terms, xs, b, use_gumbel)
   model_scale = ui_pre_scale / jnp.sqrt(jnp.maximum(stats["sq"], 1e-24))
 
   def project_body(carry, x):
