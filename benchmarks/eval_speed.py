@@ -6,7 +6,7 @@ with a validation item (train items excluded, as in §5 of the reference
 description), compiles once and times 5 evaluations.
 Prints one JSON line.
 
-  python benchmarks/eval_speed.py [--data_dir DIR] [--block_users N]
+  python benchmarks/eval_speed.py --data_dir=PATH/tiktok [--block_users N]
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def read_split(path: pathlib.Path) -> Split:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data_dir", type=pathlib.Path,
-                      default=REPO.parent / "shared" / "data" / "tiktok")
+  parser.add_argument("--data_dir", type=pathlib.Path, required=True,
+                      help="the TikTok dataset folder")
   parser.add_argument("--block_users", type=int, default=1024)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()

@@ -10,7 +10,7 @@
 # --prepare fills .gpu_suite/ (git-ignored): the wheels of the two
 # pure-Python dependencies a bare JAX GPU image lacks (jraph, ml_collections)
 # and a copy of the two dataset folders (from GPU_SUITE_DATA, default
-# ../shared/data). Copy the checkout with .gpu_suite/ to the GPU machine and
+# $MMSSL_DATA, else data/). Copy the checkout with .gpu_suite/ to the GPU machine and
 # run the suite there with a wall-clock limit of about 360 s: its runs stop
 # themselves within GPU_SUITE_BUDGET_S (300 s) of wall time, and installing
 # from the wheels takes a few seconds.
@@ -46,7 +46,8 @@
 #   GPU_SUITE_ONLY=a,b      run only these labels (env is always run)
 #   GPU_SUITE_BUDGET_S=300  wall-time budget of the whole suite
 #   GPU_SUITE_DATA=DIR      folder holding tiktok/ and amazon_sports/
-#                           (default: .gpu_suite/data, else ../shared/data)
+#                           (default: .gpu_suite/data, else $MMSSL_DATA,
+#                           else data/)
 set -euo pipefail
 abspath() { [[ "$1" == /* ]] && echo "$1" || echo "$PWD/$1"; }
 DRY=${GPU_SUITE_DRY:-0}
@@ -78,7 +79,7 @@ prepare() {
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_17_x86_64 --platform any \
     -d "$CACHE/whl" "jraph==0.0.6.dev0" "ml_collections==1.1.0"
-  local d src=${GPU_SUITE_DATA:-../shared/data}
+  local d src=${GPU_SUITE_DATA:-${MMSSL_DATA:-data}}
   for d in tiktok amazon_sports; do
     mkdir -p "$CACHE/data/$d"
     cp "$src/$d"/{train,val,test}.json "$CACHE/data/$d/"
@@ -119,7 +120,7 @@ if [[ -n "${GPU_SUITE_DATA:-}" ]]; then
 elif [[ -d $CACHE/data ]]; then
   DATA=$CACHE/data
 else
-  DATA=../shared/data
+  DATA=${MMSSL_DATA:-data}
 fi
 
 # --- install: the repo on PYTHONPATH; jraph / ml_collections from wheels.

@@ -1,7 +1,7 @@
 r"""Writes docs/results.md and its figures from the result JSON files.
 
-  python benchmarks/report.py                  # docs/results.md, docs/figures/*.png
-  python benchmarks/report.py --output_dir=/tmp/report
+  python benchmarks/report.py   # docs/results.md, docs/figures/*.png, README's summary
+  python benchmarks/report.py --output_dir=/tmp/report --readme=
 
 Reads every `*.json` and `*.jsonl` in `benchmarks/results/` and
 `experiments/results/` (a file name must be unique across the two) and
@@ -994,6 +994,60 @@ def fidelity(res: Results) -> list[str]:
 
 
 # ------------------------------------------------------------------ main
+README_BEGIN = ("<!-- results summary: written by benchmarks/report.py from "
+                "benchmarks/results; do not edit -->")
+README_END = "<!-- end of results summary -->"
+
+
+def readme_summary(res: Results | None = None) -> list[str]:
+  """README's results table: test Recall@20 / NDCG@20 at best validation."""
+  res = res or Results()
+  sec = Section(res, "R")
+  ml_files = res.glob("ml100k_uncapped_seed*.json")
+  cell = lambda runs, key: mean_std([r.test[key] for r in runs])
+  rows = []
+  models = (
+      ("MMSSL, reference variant",
+       study_runs(sec, "tiktok_reference_lowrank_3seeds_full.json",
+                  "reference", "full"),
+       [r for f in ml_files for r in study_runs(sec, f, "reference", "full")]),
+      ("MMSSL, paper variant",
+       study_runs(sec, "tiktok_paper_cl0.001_3seeds_full.json", "paper",
+                  "full"),
+       [r for f in ml_files for r in study_runs(sec, f, "paper", "full")]),
+      ("LightGCN", [reproduce_run(sec, "tiktok_lightgcn.json")],
+       [r for f in res.glob("ml100k_uncapped_lightgcn_seed*.json")
+        for r in study_runs(sec, f, model="lightgcn")]))
+  for name, tiktok, ml100k in models:
+    rows.append([name, cell(tiktok, "recall@20"), cell(tiktok, "ndcg@20"),
+                 cell(ml100k, "recall@20"), cell(ml100k, "ndcg@20")])
+  pop = res["popularity_bias_tiktok_reference.json"]
+  first = pop["runs"][sorted(pop["runs"])[0]]
+  rows.append(["item popularity", f4(first["test"]["popularity_recall@20"]),
+               DASH, DASH, DASH])
+  paper = sec.published("paper_accuracy_tiktok")
+  for key, name in (("mmssl", "MMSSL"), ("lightgcn", "LightGCN")):
+    rows.append([f"{name}, published ({' + '.join(paper['modalities'])})",
+                 pub(paper[key]["recall@20"]), pub(paper[key]["ndcg@20"]),
+                 DASH, DASH])
+  header = ["model", "TikTok R@20", "TikTok NDCG@20", "ML-100K R@20",
+            "ML-100K NDCG@20"]
+  return [README_BEGIN, *table(header, rows), README_END]
+
+
+def update_readme(path: Path, res: Results | None = None) -> bool:
+  """Rewrites README's results summary block; True if it changed."""
+  text = path.read_text(encoding="utf-8")
+  start, end = text.find(README_BEGIN), text.find(README_END)
+  if start < 0 or end < start:
+    raise ValueError(f"{path}: no results summary block ({README_BEGIN})")
+  new = (text[:start] + "\n".join(readme_summary(res))
+         + text[end + len(README_END):])
+  if new != text:
+    path.write_text(new, encoding="utf-8")
+  return new != text
+
+
 def render(out_dir: Path, res: Results | None = None) -> str:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -1023,11 +1077,16 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--output_dir", default=str(REPO / "docs"),
                  help="folder for results.md and figures/ (default: docs/)")
+  p.add_argument("--readme", default=str(REPO / "README.md"),
+                 help="README whose results summary block is rewritten "
+                 "('' for none)")
   a = p.parse_args(argv)
   out_dir = Path(a.output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   text = render(out_dir)
   (out_dir / "results.md").write_text(text, encoding="utf-8")
+  if a.readme and update_readme(Path(a.readme)):
+    print(f"updated the results summary in {a.readme}")
   print(f"wrote {out_dir / 'results.md'} and "
         f"{', '.join(str(out_dir / 'figures' / f) for f in FIGURES)}")
   return 0

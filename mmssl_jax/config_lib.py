@@ -121,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Devices on the 'data' mesh axis (batch users; `parallel.py`):
   # 1 = unsharded (the default single-device path), 0 = all devices.
   c.train.data_parallel = 1
-  # Devices on the 'item' mesh axis (issue #5 item 2; `parallel.py`): the
+  # Devices on the 'item' mesh axis (`parallel.py`): the
   # item embeddings and their optimiser moments, the raw features, the
   # critic's I-sized first-layer factor and the generated rows' item axis are
   # split over it. 1 = off. The mesh is (data_parallel, item_parallel);

@@ -22,7 +22,7 @@ Users are processed in blocks of `block_users` inside one jitted function
 time. Ties: `jax.lax.top_k` returns the lower item index first among equal
 scores (the reference's `heapq.nlargest` order on ties is not reproduced).
 
-At scale (issue #5 item 4), `evaluate(..., mesh=)` with an 'item' mesh axis
+At scale, `evaluate(..., mesh=)` with an 'item' mesh axis
 of more than one device ranks item-sharded: inside `jax.shard_map`, each
 device scores its users of the block (split over 'data') against its item
 shard only, masks the excluded items of that shard, keeps a local top-K,
@@ -206,7 +206,7 @@ def _evaluate_blocks(user_emb: jax.Array, item_emb: jax.Array,
 
 
 # ----------------------------------------------------------------------------
-# Item-sharded ranking (issue #5 item 4; see the module docstring)
+# Item-sharded ranking (see the module docstring)
 
 
 def _local_cols(lists: jax.Array, offset, n_local: int) -> jax.Array:

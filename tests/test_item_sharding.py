@@ -1,4 +1,4 @@
-"""Tests for item-axis sharding (issue #5 items 2 and 4; `mmssl_jax.parallel`).
+"""Tests for item-axis sharding (`mmssl_jax.parallel`, `evaluation`).
 
 Like tests/test_parallel.py, the sharded runs need several devices, which a
 JAX process fixes when it starts, so everything runs in one subprocess with

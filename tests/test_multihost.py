@@ -1,4 +1,4 @@
-"""Multi-process training through `python -m mmssl_jax.main` (issue #5).
+"""Multi-process training through `python -m mmssl_jax.main`.
 
 Two processes x 2 CPU devices, started by launch/local_multiprocess.sh and
 joined by jax.distributed on 127.0.0.1 (gloo collectives), train

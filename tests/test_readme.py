@@ -1,12 +1,12 @@
 """Every command in README.md's ```bash blocks runs (or, if it cannot, is checked).
 
-The commands run in a sandbox that looks like a checkout next to the shared
-data: `<sandbox>/work` is the current folder (with `configs` linked to the
-repository's), `<sandbox>/shared/data/{tiktok,ml100k}` are tiny synthetic
-datasets in the released layout, `raw/` holds a tiny raw log for
-`mmssl_jax.data.prepare`, and `/tmp/...` paths are moved into the sandbox. So
-`--config.data.dir=../shared/data/tiktok` and `--workdir=runs/tiktok` are used
-as written. What is changed, to keep this test short:
+The commands run in a sandbox that looks like a user's working folder:
+`<sandbox>/work` is the current folder (with `configs` linked to the
+repository's), `data/{tiktok,ml100k}` are tiny synthetic datasets in the
+released layout (the default folders of configs/tiktok.py and ml100k.py),
+`raw/` holds a tiny raw log for `mmssl_jax.data.prepare`, and `/tmp/...` paths
+are moved into the sandbox. So `--workdir=runs/tiktok` and
+`--config.data.dir=data/ml100k` are used as written. What is changed, to keep this test short:
 
 * training (`python -m mmssl_jax.main`) runs in this process (the same flag
   parsing, config file and `train.train_and_evaluate`) for 1 epoch, with,
@@ -170,9 +170,8 @@ class Sandbox:
     self.work.mkdir(parents=True)
     self.tmp.mkdir()
     (self.work / "configs").symlink_to(helpers.REPO_ROOT / "configs")
-    data = root / "shared" / "data"
-    # The shared TikTok folder has audio and image features, ML-100K text
-    # and genre (as in tests/test_train.py).
+    data = self.work / "data"
+    # TikTok with audio and image features, ML-100K with text and genre.
     formats.write_mmssl(_tiny({"image": 10, "audio": 6}), data / "tiktok")
     formats.write_mmssl(_tiny({"text": 9, "genre": 5}), data / "ml100k")
     _write_raw(self.work / "raw")
@@ -335,10 +334,10 @@ class Sandbox:
                     "config_lib.base_config() does not have")
     args.append("--config.train.epochs=1")
     data_dir = _flag(args, "config.data.dir")
-    if data_dir is not None:
+    if data_dir is not None and not self.path(data_dir).exists():
+      self.run(self.producing_command(data_dir))  # made by an earlier command
+    if self.parse_main(args)[0].data.source == "folder":
       args.append(f"--config.train.batch_size={FOLDER_BATCH_SIZE}")
-      if not self.path(data_dir).exists():  # made by an earlier command
-        self.run(self.producing_command(data_dir))
     config, workdir = self.parse_main(args)
     path = self.path(workdir)
     before = workdir_lib.read_records(

@@ -23,7 +23,8 @@ FIGURES = ("val_recall_tiktok.png", "val_recall_ml100k.png",
 @pytest.fixture(name="report", scope="module")
 def report_fixture(tmp_path_factory):
   out = tmp_path_factory.mktemp("report")
-  proc = subprocess.run([sys.executable, str(REPORT), f"--output_dir={out}"],
+  proc = subprocess.run([sys.executable, str(REPORT), f"--output_dir={out}",
+                         "--readme="],
                         capture_output=True, text=True, timeout=120,
                         check=False)
   assert proc.returncode == 0, proc.stderr
@@ -40,7 +41,7 @@ def test_results_md_matches_the_jsons(report):
 
 def test_report_is_deterministic(report, tmp_path):
   proc = subprocess.run([sys.executable, str(REPORT),
-                         f"--output_dir={tmp_path}"],
+                         f"--output_dir={tmp_path}", "--readme="],
                         capture_output=True, text=True, timeout=120,
                         check=False)
   assert proc.returncode == 0, proc.stderr
@@ -63,3 +64,14 @@ def test_results_md_links_every_figure():
   text = (DOCS / "results.md").read_text(encoding="utf-8")
   for name in FIGURES:
     assert f"(figures/{name})" in text, name
+
+
+def test_readme_results_summary_matches_the_jsons():
+  """README's results table is the block report.py writes from the JSONs."""
+  sys.path.insert(0, str(REPORT.parent))
+  import report  # pylint: disable=g-import-not-at-top
+  text = (helpers.REPO_ROOT / "README.md").read_text(encoding="utf-8")
+  block = "\n".join(report.readme_summary())
+  assert block in text, (
+      "README.md's results summary differs from what benchmarks/report.py "
+      "writes; run `python benchmarks/report.py` and commit README.md")
