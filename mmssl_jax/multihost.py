@@ -15,7 +15,9 @@ collective; so:
   every process, so all take the same branch and fail together.
 * `agree_signal(signum)` is the stop flag of preemption: every process learns
   whether any process received SIGTERM/SIGINT, so all stop and checkpoint at
-  the same step (`checkpointing.PreemptionGuard.agree`).
+  the same step (`preemption.PreemptionGuard.agree`).
+* `check_same_data(name, fingerprint)` stops every process when they loaded
+  different copies of the dataset.
 
 With one process every helper is a plain local call (no JAX collective).
 The collectives are `jax.experimental.multihost_utils.broadcast_one_to_all`
@@ -26,6 +28,7 @@ and `process_allgather`, which run on any backend `jax.distributed` joins
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any, Callable, Sequence, TypeVar
 
 from absl import logging
@@ -113,6 +116,39 @@ def agree_signal(signum: int | None) -> int | None:
   return received[0] if received else None
 
 
+def allgather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-serialisable `obj`, in process order (collective)."""
+  if process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(
+      np.int32(data.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.int32)
+  padded[:data.size] = data
+  codes = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(row[:n].astype(np.uint8).tobytes().decode("utf-8"))
+          for row, n in zip(codes.reshape(len(sizes), -1), sizes)]
+
+
+def check_same_data(name: str, fingerprint: str) -> None:
+  """Raises ValueError on every process unless all loaded the same data.
+
+  Collective. Every process of a run must train on identical data; two hosts
+  reading different copies (another path, a stale copy) would otherwise
+  drift apart silently. The message names each differing process and host.
+  """
+  seen = allgather_json([socket.gethostname(), name, fingerprint])
+  if len({fp for _, _, fp in seen}) <= 1:
+    return
+  groups: dict[tuple[str, str], list[str]] = {}
+  for i, (host, data, fp) in enumerate(seen):
+    groups.setdefault((data, fp), []).append(f"process {i} ({host})")
+  detail = "; ".join(f"{', '.join(procs)}: {data}, fingerprint {fp}"
+                     for (data, fp), procs in groups.items())
+  raise ValueError(f"the processes loaded different data: {detail}; every "
+                   "host must read the same dataset")
+
+
 def initialize(config, coordinator_address: str | None = None,
                num_processes: int | None = None,
                process_id: int | None = None, *,
@@ -133,6 +169,9 @@ def initialize(config, coordinator_address: str | None = None,
   """
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  # JAX's preemption service would turn SIGTERM into a flag of its own; the
+  # run's `preemption.PreemptionGuard` handles it from the start instead.
+  jax.config.update("jax_enable_preemption_service", False)
   kwargs = {}
   if coordinator_address:
     kwargs = dict(coordinator_address=coordinator_address,

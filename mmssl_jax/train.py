@@ -117,10 +117,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     FloatingPointError: a non-finite loss term or state (NaN guard).
     preemption.Preempted: SIGTERM/SIGINT; a checkpoint was saved.
   """
-  config, ds, notes = run_lib.load(config)
-  for note in notes:
-    if multihost.is_primary():
-      logging.warning("adapted to the dataset: %s", note)
+  # SIGTERM/SIGINT from the first line on: a stop during start-up exits at
+  # the next safe point, one during training saves a checkpoint first.
+  with PreemptionGuard() as guard:
+    config, ds, notes = run_lib.load(config)
+    for note in notes:
+      if multihost.is_primary():
+        logging.warning("adapted to the dataset: %s", note)
+    if multihost.process_count() > 1:
+      try:
+        multihost.check_same_data(ds.name, ds.fingerprint())
+      except ValueError as e:
+        raise DataError(str(e)) from None
+    _stop_if_signalled(guard, "loading the data")
+    return _train_in_workdir(config, ds, workdir, guard)
+
+
+def _stop_if_signalled(guard: PreemptionGuard, phase: str) -> None:
+  """Raises Preempted if any process received SIGTERM/SIGINT (collective)."""
+  if guard.agree():
+    raise Preempted(
+        f"stopped by {guard.signal_name} during start-up ({phase}); nothing "
+        "was trained since the last checkpoint; run the same command again "
+        "to resume", guard.signum)
+
+
+def _train_in_workdir(config, ds: Dataset, workdir: str,
+                      guard: PreemptionGuard) -> dict[str, Any]:
+  """`train_and_evaluate` once the data is loaded: lock, inspect, train."""
   # Process 0 locks an existing workdir before reading it, a new one as it
   # creates it (`workdir.prepare_workdir`), and holds the lock to the end.
   lock = workdir_lib.WorkdirLock(workdir)
@@ -138,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       return status.final
     run = _build_run(config, ds, status, workdir)
     del ds  # `run` holds the device copies it needs
-    return _train(config, run, status, workdir, lock)
+    return _train(config, run, status, workdir, lock, guard)
   finally:
     lock.release()
 
@@ -160,7 +184,8 @@ def _build_run(config, ds: Dataset, status: workdir_lib.WorkdirStatus,
 
 
 def _train(config, run: run_lib.Run, status: workdir_lib.WorkdirStatus,
-           workdir: str, lock: workdir_lib.WorkdirLock) -> dict[str, Any]:
+           workdir: str, lock: workdir_lib.WorkdirLock,
+           guard: PreemptionGuard) -> dict[str, Any]:
   """Starts or resumes the run in `workdir`, trains it, writes the result."""
   state = run.init_state()
   logging.info("model %s (%s), %d recommender parameters%s, %d steps/epoch",
@@ -192,15 +217,15 @@ def _train(config, run: run_lib.Run, status: workdir_lib.WorkdirStatus,
     compile_s = run.compile_step(state)
     if compile_s is not None:
       logging.info("compiled the train step in %.1f s", compile_s)
+    _stop_if_signalled(guard, "restoring and compiling")
     tensorboard = bool(config.train.tensorboard) and multihost.is_primary()
     with progress.MetricWriter(workdir, enabled=tensorboard) as writer:
       if tensorboard and not writer.active:
         logging.warning("train.tensorboard=True but tensorboardX is not "
                         "installed (pip install -e \".[tensorboard]\"); "
                         "writing no event files")
-      with PreemptionGuard() as guard:
-        loop = _Loop(config, run, store, guard, metrics_path, writer)
-        meta = loop.epochs(state, meta)
+      loop = _Loop(config, run, store, guard, metrics_path, writer)
+      meta = loop.epochs(state, meta)
   result = _final_result(meta)
   multihost.on_primary(lambda: workdir_lib.append_record(metrics_path, result),
                        errors=WORKDIR_ERRORS)

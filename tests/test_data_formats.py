@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+import helpers
 from mmssl_jax.data import formats
+from mmssl_jax.data import synthetic
 from mmssl_jax.data.dataset import DataError, Dataset, Split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -310,3 +313,25 @@ def test_real_amazon_baby_json_and_mmrec(shared_data: Path):
   assert ds.modalities == {}
   assert_same_data(ds, formats.load_folder(shared_data / "amazon_baby",
                                            format="mmrec"))
+
+
+def test_fingerprint_follows_the_interactions_and_shapes(tmp_path: Path):
+  """Equal data in two layouts: equal fingerprints; one interaction or a
+  feature width changed: another fingerprint."""
+  config = helpers.load_config("test")
+  ds = synthetic.make_synthetic(config.data.synthetic)
+  formats.write_mmssl(ds, tmp_path / "a")
+  formats.write_mmrec(ds, tmp_path / "b")
+  a = formats.load_folder(tmp_path / "a")
+  b = formats.load_folder(tmp_path / "b")
+  assert a.fingerprint() == b.fingerprint() == ds.fingerprint()
+  assert len(ds.fingerprint()) == 16
+  items = ds.train.items.copy()
+  items[0] = (items[0] + 1) % ds.n_items
+  moved = dataclasses.replace(ds, train=dataclasses.replace(ds.train,
+                                                            items=items))
+  assert moved.fingerprint() != ds.fingerprint()
+  wider = dataclasses.replace(ds, modalities={
+      m: np.concatenate([f, f[:, :1]], axis=1)
+      for m, f in ds.modalities.items()})
+  assert wider.fingerprint() != ds.fingerprint()

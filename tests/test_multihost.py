@@ -82,6 +82,34 @@ app.run(main.main)
 """
 
 
+# Runs main with process 1 sending itself SIGTERM while it loads the data
+# (before any collective): start-up is covered by the run's signal handling.
+PREEMPT_AT_STARTUP = """
+import os, signal
+import jax
+from absl import app
+from mmssl_jax import main, run
+real_load = run.load
+def load(config):
+  if jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGTERM)
+  return real_load(config)
+run.load = load
+app.run(main.main)
+"""
+
+# Runs main with each process reading its own copy of the data: process i
+# reads the folder named by the MMSSL_TEST_DATA_<i> variable.
+OWN_DATA = """
+import os, sys
+from absl import app
+from mmssl_jax import main
+i = [a for a in sys.argv if a.startswith("--process_id=")][0].split("=")[1]
+sys.argv.append("--config.data.dir=" + os.environ["MMSSL_TEST_DATA_" + i])
+app.run(main.main)
+"""
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -130,10 +158,10 @@ def _wait(proc) -> tuple[int, str]:
 
 
 def _launch_two(workdir, tmp, name, program=("-m", "mmssl_jax.main"),
-                flags=FLAGS):
+                flags=FLAGS, extra_env=None):
   """`launch/local_multiprocess.sh PROGRAM FLAGS --workdir=WORKDIR`."""
   log_dir = tmp / f"{name}_logs"
-  env = helpers.without_compilation_cache(dict(os.environ))
+  env = helpers.without_compilation_cache(dict(os.environ, **(extra_env or {})))
   env.update(PYTHON=sys.executable, NUM_PROCESSES="2", DEVICES_PER_PROCESS="2",
              PORT=str(_free_port()), XLA_FLAGS_EXTRA=env.pop("XLA_FLAGS", ""),
              LOG_DIR=str(log_dir), TIMEOUT=str(TIMEOUT_S),
@@ -262,3 +290,57 @@ def test_errors_stop_every_process_with_the_same_line(runs):
     assert expected in errors[0][0], errors
   assert _records(workdir) == before
   assert not (tmp / "no_mesh").exists()
+
+
+def test_sigterm_during_start_up_stops_both_and_a_rerun_is_exact(runs):
+  """SIGTERM to process 1 while it loads the data: both processes stop at
+  the first safe point with exit status 143 and the same line, nothing is
+  trained; re-running the command trains the run that equals the
+  preempted-and-resumed one bit for bit."""
+  tmp = runs["tmp"]
+  workdir = tmp / "startup"
+  stopped = _wait_two(_launch_two(workdir, tmp, "startup",
+                                  program=("-c", PREEMPT_AT_STARTUP)))
+  errors = []
+  for i, (status, log) in enumerate(stopped):
+    assert status == 128 + signal.SIGTERM, f"process {i}:\n{log[-3000:]}"
+    errors.append([l for l in log.splitlines() if l.startswith("error: ")])
+  assert errors[0] == errors[1] == [
+      "error: stopped by SIGTERM during start-up (loading the data); nothing "
+      "was trained since the last checkpoint; run the same command again to "
+      "resume"], errors
+  assert not workdir_lib.checkpoint_steps(workdir)
+  for i, (status, log) in enumerate(_wait_two(
+      _launch_two(workdir, tmp, "startup_rerun"))):
+    assert status == 0, f"process {i}:\n{log[-3000:]}"
+  assert (_strip_timing(_records(workdir))
+          == _strip_timing(_records(runs["two"])))
+
+
+def test_processes_with_different_data_stop_with_one_line(tmp_path):
+  """Two processes given different dataset folders: both stop before
+  training with one line naming each process, its host and fingerprint."""
+  from mmssl_jax.data import formats  # pylint: disable=g-import-not-at-top
+  from mmssl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  config = helpers.load_config("test")
+  env = {}
+  for i, seed in enumerate((0, 1)):
+    config.data.synthetic.seed = seed
+    formats.write_mmssl(synthetic.make_synthetic(config.data.synthetic),
+                        tmp_path / f"data_{i}")
+    env[f"MMSSL_TEST_DATA_{i}"] = str(tmp_path / f"data_{i}")
+  launch = _launch_two(tmp_path / "run", tmp_path, "own_data",
+                       program=("-c", OWN_DATA),
+                       flags=[*FLAGS, "--config.data.source=folder"],
+                       extra_env=env)
+  errors = []
+  for i, (status, log) in enumerate(_wait_two(launch)):
+    assert status == 1, f"process {i}:\n{log[-3000:]}"
+    errors.append([l for l in log.splitlines() if l.startswith("error: ")])
+  assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+  line, host = errors[0][0], socket.gethostname()
+  assert line.startswith("error: the processes loaded different data: "
+                         f"process 0 ({host}): data_0, fingerprint "), line
+  assert f"; process 1 ({host}): data_1, fingerprint " in line, line
+  assert not (tmp_path / "run").exists()
+

@@ -8,6 +8,7 @@ once (`mmssl_jax.graph`) and the arrays are then passed into jitted code.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 import sys
 from typing import Mapping, Sequence
@@ -108,6 +109,20 @@ class Dataset:
   @property
   def modality_dims(self) -> dict[str, int]:
     return {m: int(f.shape[1]) for m, f in self.modalities.items()}
+
+  def fingerprint(self) -> str:
+    """A short hash of the sizes, the set of interactions of each split and
+    the modalities' names and shapes: the same data in any layout or order
+    gives the same fingerprint (feature values are not hashed, only shapes).
+    """
+    digest = hashlib.sha256(
+        f"{self.n_users} {self.n_items} {self.modality_dims}".encode())
+    for split in (self.train, self.val, self.test):
+      pairs = (split.users.astype(np.int64) * self.n_items
+               + split.items.astype(np.int64))
+      digest.update(np.sort(pairs).tobytes())
+      digest.update(b"|")
+    return digest.hexdigest()[:16]
 
   def summary(self) -> str:
     """One line of statistics in the paper's table form."""
