@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, NamedTuple
 
 import ml_collections
@@ -40,21 +41,43 @@ class RestoredRun(NamedTuple):
   meta: checkpointing.CheckpointMeta
 
 
-def _checkpoint_step(store: checkpointing.CheckpointStore,
-                     which: str | int) -> int:
+def _candidates(store: checkpointing.CheckpointStore,
+                which: str | int) -> list[int]:
+  """The steps to try for `which`, in order (an explicit step: only it)."""
   if which == "best":
-    step = store.best_step()
-    if step is None:
+    if store.best_step() is None:
       raise FileNotFoundError(
           f"{store.directory}: no checkpoint of an evaluated epoch")
-    return step
+    return store.ranked_steps()
   if which == "latest":
-    return store.latest_step()
+    return sorted(store.all_steps(), reverse=True)
   step = int(which)
   if step not in store.all_steps():
     raise FileNotFoundError(f"{store.directory}: no checkpoint at step "
                             f"{step} (have {store.all_steps()})")
-  return step
+  return [step]
+
+
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr)
+
+
+def _restore(store: checkpointing.CheckpointStore, which: str | int,
+             target) -> tuple[int, Any, checkpointing.CheckpointMeta]:
+  """Restores `which`; a damaged 'best' or 'latest' falls back (read-only:
+  nothing is moved) to the best-scoring readable checkpoint, else the
+  latest readable one, with a warning naming the step used."""
+  steps = _candidates(store, which)
+  if which not in ("best", "latest"):
+    return (steps[0], *store.restore(steps[0], target))
+  step, state, meta = store.restore_first(steps, target)
+  if store.unreadable:
+    lost = ", ".join(str(s) for s, _ in store.unreadable)
+    kind = ("the best-scoring readable one" if which == "best"
+            else "the latest readable one")
+    _warn(f"using checkpoint {os.path.join(store.directory, str(step))} "
+          f"(step {step}, {kind}; unreadable: step(s) {lost})")
+  return step, state, meta
 
 
 def restore_run(workdir: str, *, which: str | int = "best",
@@ -68,6 +91,10 @@ def restore_run(workdir: str, *, which: str | int = "best",
 
   Raises:
     FileNotFoundError: no config.json or no (such) checkpoint.
+    checkpointing.CheckpointReadError: the checkpoint (an explicit step), or
+      every one tried ('best', 'latest'), is unreadable. For 'best' and
+      'latest' an unreadable checkpoint is skipped (not moved) with a
+      one-line warning on stderr, and a last line names the step used.
     DataError: the dataset no longer loads.
     ConfigMismatchError: the dataset's shapes do not match the checkpoint.
   """
@@ -83,16 +110,17 @@ def restore_run(workdir: str, *, which: str | int = "best",
         f"{os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)}: no checkpoint")
   with checkpointing.quiet_orbax(logging.ERROR):
     store = checkpointing.CheckpointStore(
-        os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), read_only=True)
+        os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), read_only=True,
+        warn=_warn)
     with store:
-      step = _checkpoint_step(store, which)
+      _candidates(store, which)  # a missing step fails before the data loads
       config, ds, _ = run_lib.load(config)
       # A run trained on a mesh saved a state without CSR fields: rebuild
       # it as such, on a one-device mesh of this process.
       mesh = (parallel.make_mesh(n_devices=1, item_devices=1)
               if parallel.is_sharded(config) else None)
       run = run_lib.Run(config, ds, mesh)
-      state, meta = store.restore(step, run.init_state())
+      step, state, meta = _restore(store, which, run.init_state())
   return RestoredRun(config, ds, run, state, step, meta)
 
 

@@ -204,8 +204,8 @@ def _train(config, run: run_lib.Run, status: workdir_lib.WorkdirStatus,
       keep=int(config.train.checkpoint_keep))
   with store:
     if status.kind == "resume":
-      step = store.latest_step()
-      state, meta = store.restore(step, state)
+      # The newest readable checkpoint; unreadable ones are set aside.
+      step, state, meta = store.restore_latest(state)
       multihost.on_primary(lambda: workdir_lib.resume_records(
           metrics_path, meta.epoch, meta.last_record), errors=WORKDIR_ERRORS)
       logging.info("resuming from step %d (epoch %d, batch %d) of %s", step,
