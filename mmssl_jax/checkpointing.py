@@ -465,10 +465,12 @@ class CheckpointStore:
                   os.path.join(self.directory, aside))
       except OSError as e:
         self.warn(f"{os.path.join(self.directory, name)}: an unfinished "
-                  f"save, ignored (could not move it aside: {_first_line(e)})")
+                  "save (the process stopped while writing it), ignored; "
+                  f"could not move it aside ({_first_line(e)})")
         continue
       self.warn(f"{os.path.join(self.directory, name)}: an unfinished save "
-                f"(stopped while writing), ignored; moved it aside to {aside}")
+                "(the process stopped while writing it); moved it aside to "
+                f"{aside}")
 
   def _set_aside(self, step: int, reason: str, then: str = "") -> None:
     """Moves checkpoint `step` to `<step>.unreadable` (a read-only store, or
@@ -576,9 +578,12 @@ class CheckpointStore:
       raise
     except Exception as e:  # pylint: disable=broad-except
       _drop_failure_echoes()
+      cause = _first_line(e)
+      if isinstance(e, json.JSONDecodeError):  # orbax's files are prescanned
+        cause = f"meta/metadata: {cause}"
       error = CheckpointReadError(
-          f"checkpoint {self._path(step)} is unreadable ({_first_line(e)})")
-      error.cause = _first_line(e)
+          f"checkpoint {self._path(step)} is unreadable ({cause})")
+      error.cause = cause
       raise error from e
 
   def _restore(self, step: int, target) -> tuple[Any, CheckpointMeta]:

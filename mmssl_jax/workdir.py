@@ -7,7 +7,9 @@ A workdir holds:
                    (`"final": true`) when the run is complete.
   checkpoints/<step>/
                    orbax checkpoints named by the global step
-                   (`mmssl_jax.checkpointing`).
+                   (`mmssl_jax.checkpointing`). `<step>.unreadable` and
+                   `<step>.partial` are damaged checkpoints and unfinished
+                   saves set aside (docs/checkpoints.md): never steps.
 
 Re-running the same command with the same workdir resumes from the latest
 checkpoint (`inspect_workdir` decides): the fields of the new config must
@@ -106,7 +108,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
   """Committed checkpoint steps in `<workdir>/checkpoints` (no orbax needed).
 
   Orbax names a finished checkpoint by its step and writes unfinished ones
-  under a temporary name, so only plain integer folder names count.
+  under a temporary name, so only plain integer folder names count (not the
+  `<step>.unreadable` / `<step>.partial` folders set aside after faults).
   """
   directory = os.path.join(workdir, CHECKPOINT_DIR)
   if not os.path.isdir(directory):

@@ -217,7 +217,7 @@ def test_sigkill_at_random_points_of_saves_keeps_the_newest_complete(
   directory, rng, partials = tmp_path / "ck", random.Random(0), 0
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-  for _ in range(4):
+  for _ in range(5):
     proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(directory)],
                             cwd=helpers.REPO_ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
