@@ -262,6 +262,27 @@ def test_set_aside_folders_escape_retention_and_best(tmp_path):
   assert workdir_lib.checkpoint_steps(str(tmp_path)) == [4, 6]
 
 
+def test_unparsable_orbax_json_is_set_aside_when_the_store_opens(
+    reference, tmp_path):
+  """Orbax reads every checkpoint's metrics when it opens the folder (and
+  fails on bad JSON): such a checkpoint is skipped by a read-only store
+  and moved aside by a writable one, with a warning each."""
+  ckpt = tmp_path / "checkpoints"
+  shutil.copytree(reference[0] / workdir_lib.CHECKPOINT_DIR, ckpt)
+  (ckpt / "63" / "metrics" / "metrics").write_text('{"val_score": 0.')
+  for read_only in (True, False):
+    warnings = []
+    with checkpointing.CheckpointStore(str(ckpt), read_only=read_only,
+                                       warn=warnings.append) as store:
+      assert store.all_steps() == [21, 42] and store.best_step() == 42
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"checkpoint {ckpt / '63'} is unreadable (metrics/metrics: "
+        "JSONDecodeError: "), warnings
+    assert warnings[0].endswith("; skipping it" if read_only else
+                                "; moved it aside to 63.unreadable")
+  assert sorted(os.listdir(ckpt)) == ["21", "42", "63.unreadable"]
+
+
 _FULL_DISK = textwrap.dedent("""
     import resource, runpy, signal, sys
     import orbax.checkpoint as ocp
