@@ -46,14 +46,11 @@ over seeds. `--markdown` prints a table of the groups (from `--from_json`
 without training, or after the study).
 """
 
-import ast
 import contextlib
 import datetime
-import importlib.util
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -106,64 +103,6 @@ DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"  # as in main.py
 
 # ----------------------------------------------------------------------------
 # Configs
-
-
-def load_config(path: str, arg: str):
-  """`get_config(arg)` of the config file at `path` (as config_flags does)."""
-  spec = importlib.util.spec_from_file_location("_ablation_config", path)
-  if spec is None:
-    raise app.UsageError(f"--config={path}: not a Python file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
-def parse_value(text: str, current):
-  """`text` parsed as a value of the type of the field's `current` value."""
-  if isinstance(current, bool):
-    if text.lower() in ("true", "1", "yes"):
-      return True
-    if text.lower() in ("false", "0", "no"):
-      return False
-    raise ValueError(f"{text!r} is not a bool")
-  if isinstance(current, int):
-    return int(text)
-  if isinstance(current, float):
-    return float(text)
-  if isinstance(current, str):
-    return text
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    if current is None:
-      return text
-    raise ValueError(f"{text!r} is not a Python literal") from None
-  if isinstance(current, (tuple, list)):
-    value = value if isinstance(value, (tuple, list)) else (value,)
-    return type(current)(value)
-  return value
-
-
-def apply_overrides(config, overrides) -> None:
-  """Sets each `dotted.key=value` of `overrides` on `config` (typed)."""
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"--set {item!r} is not key=value")
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      if part not in node:
-        raise ValueError(f"--set {item!r}: the config has no field {key!r}")
-      node = node[part]
-    if leaf not in node:
-      raise ValueError(f"--set {item!r}: the config has no field {key!r}")
-    try:
-      value = parse_value(text, node[leaf])
-    except ValueError as e:
-      raise ValueError(f"--set {item!r}: {e}") from None
-    with config.unlocked():
-      node[leaf] = value
 
 
 def plan_runs(variants, ablations, seeds, ablation_seeds: int,
@@ -362,14 +301,6 @@ def read_studies(paths) -> dict:
 # The study
 
 
-def _machine() -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  return {"processor": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(),
-          "device": f"{jax.default_backend()} "
-                    f"{jax.devices()[0].device_kind} x {jax.device_count()}"}
-
-
 def _write(study: dict, last: bool) -> None:
   """`--output` after every run; the one-line JSON on stdout at the end."""
   if last:
@@ -424,9 +355,9 @@ def main(argv):
   configs = {}
   for run in plan:
     arg = combine_args(base_arg, run.pop("arg"))
-    config = load_config(path, arg)
+    config = results_io.load_config(path, arg)
     try:
-      apply_overrides(config, FLAGS.set)
+      results_io.apply_overrides(config, FLAGS.set)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     with config.unlocked():
@@ -446,7 +377,7 @@ def main(argv):
       "lightgcn": not FLAGS.no_lightgcn, "only": list(FLAGS.only),
       "best_epoch_note": "best_epoch is 0-based; epochs_to_best = "
                          "best_epoch + 1",
-      "jax": jax.__version__, "machine": _machine(),
+      "jax": jax.__version__, "machine": results_io.machine(),
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "runs": [], "pending": [r["name"] for r in plan], "groups": {}}
   if not plan:

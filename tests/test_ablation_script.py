@@ -55,18 +55,19 @@ def test_grid_plan_and_overrides():
       import json, sys
       sys.path.insert(0, "benchmarks")
       import ablation
+      import results_io
       from mmssl_jax import config_lib
       plan = ablation.plan_runs(config_lib.VARIANTS, config_lib.ABLATIONS,
                                 [2022, 1, 7], 1, True)
-      c = ablation.load_config("configs/test.py",
-                               "variant=paper,ablation=wo_cl")
-      ablation.apply_overrides(c, ["critic.kind=lowrank", "train.epochs=3",
-                                   "optim.lr=1e-3", "eval.ks=5,20",
-                                   "loss.gumbel_transform=false"])
+      c = results_io.load_config("configs/test.py",
+                                 "variant=paper,ablation=wo_cl")
+      results_io.apply_overrides(c, ["critic.kind=lowrank", "train.epochs=3",
+                                     "optim.lr=1e-3", "eval.ks=5,20",
+                                     "loss.gumbel_transform=false"])
       errors = []
       for bad in ("train.epochs=1.5", "no.such=1", "train.nope=1", "noeq"):
         try:
-          ablation.apply_overrides(c, [bad])
+          results_io.apply_overrides(c, [bad])
         except ValueError as e:
           errors.append(str(e))
       print(json.dumps({
