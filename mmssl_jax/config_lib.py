@@ -48,6 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
   # () = every *_feat.npy in the folder, sorted; on the command line
   # --config.data.modalities=image,text (`modality_names`).
   c.data.modalities = ()
+  # New items (`data/cold_start.py`): a seeded random fraction of the items
+  # held out of training; their interactions become validation (half of
+  # them) or test (the other half) targets. 0 = off.
+  c.data.cold_items = 0.0
+  c.data.cold_seed = 0
   c.data.synthetic = synthetic_config()
 
   c.model = ml_collections.ConfigDict()
@@ -60,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.model_cat_rate = 0.55
   c.model.head_num = 4
   c.model.fusion = "mean_wsum"  # what the released attention computes (§2.4)
+  # An inductive item encoder: items without training interactions get
+  # vectors from their own features (`model.encode_items`). Off in both
+  # variants; the recommender's other parameters train as without it.
+  c.model.cold_start = False
   c.model.lightgcn_layers = 3  # LightGCN baseline only
 
   c.critic = ml_collections.ConfigDict()
@@ -94,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.ui_pre_scale = 100.0
   c.loss.gumbel_scale = 1e-5  # log_log_scale
   c.loss.gumbel_log_logits = False  # True: Gumbel-softmax of log(R/|R|)
+  # model.cold_start: weights of the inductive encoder's BPR and alignment
+  # terms (`steps._inductive_term`).
+  c.loss.cold_bpr = 1.0
+  c.loss.cold_align = 1.0
 
   c.graph_update = ml_collections.ConfigDict()
   c.graph_update.schedule = "reference"  # rebuild every T, dropping the batch

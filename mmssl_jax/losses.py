@@ -206,6 +206,22 @@ def gumbel_real_rows(*, key: chex.PRNGKey, interactions: chex.Array,
   return l2_normalize(observed + ui_pre_scale * model_rows)
 
 
+def alignment_loss(*, predicted: chex.Array, target: chex.Array
+                   ) -> chex.Array:
+  """mean_b ||predicted_b - target_b||^2, with no gradient into `target`.
+
+  The inductive item encoder's pull towards warm items' final vectors
+  (`model.encode_items`).
+
+  Args:
+    predicted: (B, d) encoded items.
+    target: (B, d) their final representations i*.
+  """
+  chex.assert_equal_shape([predicted, target])
+  diff = predicted - jax.lax.stop_gradient(target)
+  return jnp.mean(jnp.sum(jnp.square(diff), axis=-1))
+
+
 def infonce(*, anchor: chex.Array, positive: chex.Array,
             tau: float) -> chex.Array:
   """GRACE-style cross-modal InfoNCE, section 3.6 (one direction, z1 anchors).

@@ -39,6 +39,7 @@ class ModelHParams:
   model_cat_rate: float = 0.55
   head_num: int = 4
   fusion: str = "mean_wsum"
+  cold_start: bool = False
 
   @classmethod
   def from_config(cls, model_config) -> "ModelHParams":
@@ -51,6 +52,7 @@ class ModelHParams:
         model_cat_rate=model_config.model_cat_rate,
         head_num=model_config.head_num,
         fusion=model_config.fusion,
+        cold_start=bool(model_config.cold_start),
     )
 
 
@@ -113,7 +115,50 @@ def init_params(key, *, n_users: int, n_items: int,
                                    jnp.float32, -bound, bound),
     }
   params["modality_proj"] = proj
+  if hp.cold_start:
+    # A key of its own: the released parameters keep their initial values.
+    params["cold_encoder"] = init_cold_encoder(
+        jax.random.fold_in(key, 1), modality_dims, hp.embed_size)
   return params
+
+
+def init_cold_encoder(key, modality_dims: Mapping[str, int],
+                      embed_size: int) -> Params:
+  """The inductive item encoder (`encode_items`): per-modality projections
+  and a one-hidden-layer MLP, xavier-uniform kernels, zero biases."""
+  keys = jax.random.split(key, len(modality_dims) + 2)
+  dense = lambda k, fan_in: {
+      "kernel": _xavier_uniform(k, (fan_in, embed_size)),
+      "bias": jnp.zeros((embed_size,), jnp.float32)}
+  return {"modality": {m: dense(k, dim) for k, (m, dim)
+                       in zip(keys, modality_dims.items())},
+          "hidden": dense(keys[-2], embed_size),
+          "out": dense(keys[-1], embed_size)}
+
+
+def encode_items(encoder: Params, features: Mapping[str, Array]) -> Array:
+  """Item vectors from the items' own features, in the space of i*.
+
+  f(x) = W_o tanh(W_h s + b_h) + b_o with s = sum_m n(x^m W_m + b_m): each
+  modality projected and L2-normalised (raw feature scales differ), summed,
+  then a small MLP. Trained (`steps.recommender_loss`, term 'cold') to rank a
+  batch user's positive above its negative with the user's final vector and
+  to match warm items' final vectors i*; it serves items that have no
+  training interactions, whose i* carries no signal (their feature view
+  H^m_I = A_IU H^m_U is zero).
+
+  Args:
+    encoder: `params['cold_encoder']`.
+    features: modality -> (N, d_m) raw features of N items.
+
+  Returns:
+    (N, d) item vectors.
+  """
+  s = sum(losses.l2_normalize(x @ encoder["modality"][m]["kernel"]
+                              + encoder["modality"][m]["bias"])
+          for m, x in features.items())
+  h = jnp.tanh(s @ encoder["hidden"]["kernel"] + encoder["hidden"]["bias"])
+  return h @ encoder["out"]["kernel"] + encoder["out"]["bias"]
 
 
 def _dropout(key, x, rate: float, train: bool):

@@ -14,6 +14,7 @@ import ctypes
 import functools
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ from mmssl_jax import modality_graphs
 from mmssl_jax import parallel
 from mmssl_jax import state as state_lib
 from mmssl_jax import steps
-from mmssl_jax.data import DataError, Dataset
+from mmssl_jax.data import DataError, Dataset, Split
+from mmssl_jax.data import cold_start
 from mmssl_jax.data import formats
 from mmssl_jax.data import sampler as sampler_lib
 from mmssl_jax.data import synthetic
@@ -155,6 +157,9 @@ def check_config(config: ml_collections.ConfigDict, ds: Dataset) -> None:
         "<modality>_feat.npy files (use model=lightgcn, or add features)")
   if config.model.name not in ("mmssl", "lightgcn"):
     raise ConfigError(f"unknown model.name {config.model.name!r}")
+  if config.model.cold_start and config.model.name != "mmssl":
+    raise ConfigError("model.cold_start encodes items from their features: "
+                      "it needs model.name='mmssl'")
   for name, low in (("checkpoint_keep", 1), ("nan_check_every_steps", 1)):
     value = config.train[name]
     if int(value) < low:
@@ -177,20 +182,83 @@ def load(config: ml_collections.ConfigDict
     config = config.copy_and_resolve_references()
     config.data.modalities = names
   ds = load_dataset(config.data)
+  if config.data.cold_items:
+    ds = cold_start.hold_out_items(ds, float(config.data.cold_items),
+                                   int(config.data.cold_seed))
   config, notes = adapt_to_dataset(config, ds)
   check_config(config, ds)
   return config, ds, notes
 
 
 @functools.partial(jax.jit, static_argnames=("is_mmssl", "hp", "layers"))
-def _final_embeddings(state: state_lib.TrainState, inputs, is_base=None, *,
-                      is_mmssl: bool, hp: model_lib.ModelHParams, layers: int):
+def _final_embeddings(state: state_lib.TrainState, inputs, is_base=None,
+                      new_items=None, *, is_mmssl: bool,
+                      hp: model_lib.ModelHParams, layers: int):
   if not is_mmssl:
     return model_lib.lightgcn_forward(state.params, inputs.graph, layers)
   out = model_lib.forward(state.params, inputs.graph, inputs.features,
                           state.modality_graphs, key=state.rng, train=False,
                           hp=hp, modality_is_base=is_base)
-  return out.user, out.item
+  if new_items is None:
+    return out.user, out.item
+  encoded = model_lib.encode_items(state.params["cold_encoder"],
+                                   inputs.features)
+  return out.user, jnp.where(new_items[:, None], encoded, out.item)
+
+
+class GroupEval(NamedTuple):
+  """The evaluation of one group of target items (`item_group_sets`).
+
+  eval_set: users and targets; items: the sub-catalogue the targets are
+  ranked in (item ids), None for all items; ks: its cut-offs.
+  """
+
+  eval_set: evaluation.EvalSet
+  items: np.ndarray | None
+  ks: tuple[int, ...]
+
+
+def _within(items: np.ndarray, n_items: int, split: Split) -> Split:
+  """`split`'s pairs whose item is in `items`, with local item ids (the
+  position in `items`)."""
+  local = np.full(n_items, -1, np.int32)
+  local[items] = np.arange(len(items), dtype=np.int32)
+  keep = local[split.items] >= 0
+  return Split(split.users[keep], local[split.items[keep]])
+
+
+def item_group_sets(ds: Dataset, target: Split, exclude: list[Split],
+                    block: int, ks) -> dict[str, GroupEval]:
+  """Metrics by item group for a dataset with held-out (cold) items.
+
+  'cold/': cold targets ranked among the cold items only; 'cold_all/':
+  cold targets ranked among all items (the new items competing with the
+  old); 'warm/': warm targets ranked among the warm items only. Users
+  without a target of the group are not evaluated in it. {} without a
+  cold-item split.
+  """
+  if ds.cold_items is None:
+    return {}
+  cold = cold_start.cold_mask(ds)
+  n_users, n_items = ds.n_users, ds.n_items
+
+  def among(items: np.ndarray) -> GroupEval:
+    eval_set = evaluation.build_eval_set(
+        target=_within(items, n_items, target),
+        exclude=[_within(items, n_items, s) for s in exclude],
+        n_users=n_users, n_items=len(items), block_users=block)
+    return GroupEval(eval_set, items,
+                     tuple(sorted({min(int(k), len(items)) for k in ks})))
+
+  return {
+      "cold/": among(np.flatnonzero(cold).astype(np.int32)),
+      "cold_all/": GroupEval(evaluation.build_eval_set(
+          target=Split(target.users[cold[target.items]],
+                       target.items[cold[target.items]]),
+          exclude=exclude, n_users=n_users, n_items=n_items,
+          block_users=block), None, tuple(ks)),
+      "warm/": among(np.flatnonzero(~cold).astype(np.int32)),
+  }
 
 
 def _host_inputs(config, ds: Dataset) -> state_lib.StepInputs:
@@ -240,7 +308,7 @@ class Run:
     self.step_config = steps.StepConfig.from_config(
         config, self.shapes, parallel.StepSharding.of(mesh))
     self.steps_per_epoch = steps_per_epoch(config, len(ds.train))
-    block = config.eval.block_users
+    block, ks = config.eval.block_users, tuple(config.eval.ks)
     test_exclude = ([ds.train, ds.val] if config.eval.exclude_val_in_test
                     else [ds.train])
     self.val_set, self.test_set = (
@@ -248,6 +316,14 @@ class Run:
                                   n_users=ds.n_users, n_items=ds.n_items,
                                   block_users=block)
         for target, exclude in ((ds.val, [ds.train]), (ds.test, test_exclude)))
+    self.groups = {
+        "val": item_group_sets(ds, ds.val, [ds.train], block, ks),
+        "test": item_group_sets(ds, ds.test, test_exclude, block, ks)}
+    # Items without training interactions take the inductive encoder's
+    # vectors (`model.cold_start`); None: every item keeps i*.
+    self.new_items = (jnp.asarray(np.bincount(ds.train.items,
+                                              minlength=ds.n_items) == 0)
+                      if self.step_config.model.cold_start else None)
     self._embedding_args = dict(is_mmssl=self.is_mmssl,
                                 hp=self.step_config.model,
                                 layers=self.step_config.lightgcn_layers)
@@ -274,6 +350,9 @@ class Run:
         out_shardings=(self.state_shardings, rep))
     self.val_set = parallel.shard_eval_set(self.val_set, mesh)
     self.test_set = parallel.shard_eval_set(self.test_set, mesh)
+    self.groups = {split: {p: g._replace(eval_set=parallel.shard_eval_set(
+        g.eval_set, mesh)) for p, g in groups.items()}
+                   for split, groups in self.groups.items()}
 
   def _init_state_unplaced(self) -> state_lib.TrainState:
     state = steps.init_state(self.config, self.step_config,
@@ -308,10 +387,15 @@ class Run:
     release_freed_host_memory()
     return time.perf_counter() - t0
 
-  def final_embeddings(self, state):
-    """Final user and item representations in eval mode (no dropout)."""
+  def final_embeddings(self, state, inductive: bool = True):
+    """Final user and item representations in eval mode (no dropout).
+
+    With `model.cold_start`, items without training interactions take the
+    inductive encoder's vectors, unless `inductive` is False.
+    """
+    new_items = self.new_items if inductive else None
     return _final_embeddings(state, self.inputs, self.modality_is_base(state),
-                             **self._embedding_args)
+                             new_items, **self._embedding_args)
 
   def modality_is_base(self, state):
     """Whether state's G^m is still the base graph (`model.forward`)."""
@@ -319,13 +403,27 @@ class Run:
       return None
     return modality_graphs.is_base(self.step_config.graphs, state.step)
 
-  def evaluate(self, state, split: str) -> dict[str, float]:
-    """Full-ranking metrics of `state` on the 'val' or 'test' split."""
-    user, item = self.final_embeddings(state)
+  def evaluate(self, state, split: str,
+               inductive: bool = True) -> dict[str, float]:
+    """Full-ranking metrics of `state` on the 'val' or 'test' split; with a
+    cold-item split also by item group ('cold/', 'cold_all/', 'warm/'
+    prefixes, `item_group_sets`). `inductive` as in `final_embeddings`."""
+    return self.evaluate_embeddings(*self.final_embeddings(state, inductive),
+                                    split)
+
+  def evaluate_embeddings(self, user, item, split: str) -> dict[str, float]:
+    """`evaluate` for any (n_users, d) user and (n_items, d) item vectors
+    scored by their dot product (e.g. `baselines`)."""
     eval_set = self.val_set if split == "val" else self.test_set
     item_mesh = self.mesh if self.step_config.sharding.split_items else None
-    return evaluation.evaluate(user, item, eval_set, ks=self.config.eval.ks,
-                               mesh=item_mesh)
+    metrics = evaluation.evaluate(user, item, eval_set,
+                                  ks=self.config.eval.ks, mesh=item_mesh)
+    for prefix, group in self.groups[split].items():
+      items = item if group.items is None else item[group.items]
+      mesh = item_mesh if group.items is None else None
+      metrics.update({prefix + k: v for k, v in evaluation.evaluate(
+          user, items, group.eval_set, ks=group.ks, mesh=mesh).items()})
+    return metrics
 
   def train_epoch(self, state):
     """Runs one epoch of steps; returns the state and mean loss terms."""

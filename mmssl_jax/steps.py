@@ -116,6 +116,8 @@ class LossHParams:
   ui_pre_scale: float
   gumbel_scale: float
   gumbel_log_logits: bool
+  cold_bpr: float
+  cold_align: float
 
   @classmethod
   def from_config(cls, loss: ml_collections.ConfigDict) -> "LossHParams":
@@ -485,6 +487,25 @@ def _adversarial_term(out, batch: Batch, critic: CriticState, key,
           interactions=batch.interactions) for m in cfg.shapes.modalities)
 
 
+def _inductive_term(params, out, batch: Batch, inputs: StepInputs,
+                    cfg: StepConfig):
+  """The inductive item encoder's loss (`model.encode_items`):
+  `loss.cold_bpr` times the BPR loss of the encoded positive and negative
+  items against the batch users' final vectors, plus `loss.cold_align` times
+  the squared distance of the encoded positives to their final vectors.
+  u* and i* are constants here, so the rest of the recommender trains
+  exactly as without the encoder."""
+  items = jnp.concatenate([batch.pos, batch.neg])
+  encoded = model_lib.encode_items(
+      params["cold_encoder"], {m: x[items] for m, x in inputs.features.items()})
+  pos, neg = jnp.split(encoded, 2)
+  user = jax.lax.stop_gradient(out.user)
+  return (cfg.loss.cold_bpr * losses.bpr_loss(user_emb=user, pos_emb=pos,
+                                               neg_emb=neg)
+          + cfg.loss.cold_align * losses.alignment_loss(
+              predicted=pos, target=jnp.split(out.item, 2)[0]))
+
+
 def recommender_loss(params, critic: CriticState, batch: Batch,
                      inputs: StepInputs, graphs, is_base, key_forward,
                      key_generator, cfg: StepConfig):
@@ -516,6 +537,9 @@ def recommender_loss(params, critic: CriticState, batch: Batch,
     terms["gen"] = _adversarial_term(out, batch, critic, key_generator, cfg,
                                      rows)
     total = total + loss_hp.g_rate * terms["gen"]
+  if cfg.model.cold_start:
+    terms["cold"] = _inductive_term(params, out, batch, inputs, cfg)
+    total = total + terms["cold"]
   terms["loss"] = total
   generated = Generated(rows, {m: out.feat_user[m][users]
                                for m in cfg.shapes.modalities}, out.feat_item)

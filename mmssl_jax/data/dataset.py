@@ -96,6 +96,8 @@ class Dataset:
       from train where validation requires it).
     modalities: modality name -> float32 array (n_items, d_m), in a fixed
       (sorted or configured) order.
+    cold_items: sorted int32 ids of the items held out of training
+      (`data.cold_start`), or None for a dataset without such a split.
   """
 
   name: str
@@ -105,6 +107,7 @@ class Dataset:
   val: Split
   test: Split
   modalities: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  cold_items: np.ndarray | None = None
 
   @property
   def modality_dims(self) -> dict[str, int]:

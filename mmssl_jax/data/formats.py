@@ -18,6 +18,7 @@ mmssl format reads when present).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -31,6 +32,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
+from mmssl_jax.data import cold_start
 from mmssl_jax.data import validate
 from mmssl_jax.data.dataset import DataError, Dataset, Split, check_output_folder
 from mmssl_jax.data.validate import error
@@ -110,7 +112,9 @@ def load_folder(path: str | os.PathLike, *, format: str = "auto",  # pylint: dis
   reader = {"mmssl": _read_mmssl, "mmrec": _read_mmrec, "pickle": _read_pickles}
   raw = reader[fmt](folder)
   features = _read_features(folder, modalities)
-  return _assemble(name or Path(os.path.abspath(folder)).name, raw, features)
+  ds = _assemble(name or Path(os.path.abspath(folder)).name, raw, features)
+  cold = cold_start.read_cold_items(folder, ds.n_items)
+  return ds if cold is None else dataclasses.replace(ds, cold_items=cold)
 
 
 def _assemble(name: str, raw: _Raw,
@@ -429,6 +433,7 @@ def write_mmssl(ds: Dataset, out_dir: str | os.PathLike) -> Path:
     with open(out / file, "w", encoding="utf-8") as f:
       json.dump(obj, f, separators=(",", ":"))
   _write_features(ds, out)
+  cold_start.write_cold_items(ds, out)
   return out
 
 
@@ -449,4 +454,5 @@ def write_mmrec(ds: Dataset, out_dir: str | os.PathLike) -> Path:
   stem = Path(ds.name).name or "dataset"
   (out / f"{stem}.inter").write_text("\n".join(rows) + "\n", encoding="utf-8")
   _write_features(ds, out)
+  cold_start.write_cold_items(ds, out)
   return out

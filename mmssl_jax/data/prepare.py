@@ -58,6 +58,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from mmssl_jax.data import cold_start
 from mmssl_jax.data import formats
 from mmssl_jax.data import validate
 from mmssl_jax.data.dataset import DataError, Dataset, Split, check_output_folder, print_error
@@ -508,6 +509,12 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       "split": flags.DEFINE_enum("split", "random", list(SPLITS),
                                  "Which items each user holds out."),
       "seed": flags.DEFINE_integer("seed", 123, "Seed of the random split."),
+      "cold_items": flags.DEFINE_float(
+          "cold_items", 0.0, "Fraction of the items to hold out of training "
+          "as new items (`data/cold_start.py`; cold_items.txt lists them); "
+          "0 = none.", lower_bound=0.0, upper_bound=1.0),
+      "cold_seed": flags.DEFINE_integer(
+          "cold_seed", 0, "Seed of the held-out items."),
       "format": flags.DEFINE_enum("format", "mmssl", ["mmssl", "mmrec"],
                                   "Output layout."),
       "name": flags.DEFINE_string(
@@ -542,6 +549,9 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder]) -> int:
         sep=f["sep"].value, kcore=f["kcore"].value, split=f["split"].value,
         seed=f["seed"].value,
         name=f["name"].value or Path(os.path.abspath(output)).name)
+    if f["cold_items"].value:
+      prepared = prepared._replace(dataset=cold_start.hold_out_items(
+          prepared.dataset, f["cold_items"].value, f["cold_seed"].value))
     write_prepared(prepared, output, format=f["format"].value)
   except (DataError, ValueError, OSError) as e:
     return print_error(e)
