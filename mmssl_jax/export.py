@@ -22,11 +22,28 @@ empty folder:
                         step and epoch, the source workdir, the model name,
                         variant and ablation, the dataset.
 
+With `--new_items=FOLDER` (a run trained with
+`--config.model.cold_start=True`; FOLDER holds one `<modality>_feat.npy` per
+modality of the run, N rows each, `mmssl_jax.new_items`) also:
+  new_item_embeddings.npy (N, d) float32, the new items encoded from their
+                        features by the run's inductive item encoder
+                        (`model.encode_items`), in the space of
+                        item_embeddings: score(u, new item r) =
+                        user_embeddings[u] @ new_item_embeddings[r]; row r
+                        is the item `mmssl_jax.recommend --new_items` calls
+                        n_items + r. manifest.json adds "new_items_folder"
+                        and "n_new_items".
+
+  python -m mmssl_jax.export --workdir=runs/tiktok --output=runs/tiktok_export \
+      --new_items=new_items
+
 LightGCN runs have only the two final embedding files. The files are written
 to a temporary folder that is renamed to `--output` when complete, so an
 interrupted export leaves nothing behind. Errors print one line
-`error: ...` and exit with status 1 (a non-empty `--output`, a workdir
-without checkpoints, a dataset that no longer loads: pass `--data_dir`).
+`error: ...` and exit with status 1, writing nothing (a non-empty
+`--output`, a workdir without checkpoints, a dataset that no longer loads:
+pass `--data_dir`; with `--new_items` a run without the inductive encoder
+or a bad new-items folder, named with the file and first bad row).
 """
 
 from __future__ import annotations
@@ -56,6 +73,10 @@ DESCRIPTIONS = {
     "feat_item": "feature-graph item view H^m_I of modality {m}",
     "modality_user": "user ID view E^m_U over the modality graph of {m}",
     "modality_item": "item ID view E^m_I over the modality graph of {m}",
+    "new_item_embeddings": "new items encoded from their features by the "
+                           "inductive item encoder (model.encode_items), in "
+                           "the space of item_embeddings; row r is new item "
+                           "r (id n_items + r in mmssl_jax.recommend)",
 }
 
 
@@ -102,11 +123,14 @@ def _description(name: str, modalities: Sequence[str]) -> str:
   return ""
 
 
-def build_manifest(restored, arrays: dict[str, np.ndarray],
-                   workdir: str) -> dict[str, Any]:
+def build_manifest(restored, arrays: dict[str, np.ndarray], workdir: str,
+                   new_items_folder: str | None = None) -> dict[str, Any]:
   config, ds, meta = restored.config, restored.dataset, restored.meta
   modalities = list(ds.modalities) if config.model.name == "mmssl" else []
   best = meta.best or {}
+  new = ({"new_items_folder": os.path.abspath(new_items_folder),
+          "n_new_items": int(arrays["new_item_embeddings"].shape[0])}
+         if new_items_folder is not None else {})
   return {
       "format_version": FORMAT_VERSION,
       "score": "dot",
@@ -129,6 +153,7 @@ def build_manifest(restored, arrays: dict[str, np.ndarray],
       "dataset": {"name": ds.name, "source": config.data.source,
                   "dir": (os.path.abspath(config.data.dir)
                           if config.data.source == "folder" else None)},
+      **new,
       "files": {f"{name}.npy": {"shape": list(a.shape), "dtype": str(a.dtype),
                                 "description": _description(name, modalities)}
                 for name, a in arrays.items()},
@@ -143,14 +168,25 @@ def check_output_dir(output: str) -> None:
     raise ExportError(f"--output={output}: folder {parent} does not exist")
 
 
-def export(restored, output: str, *, workdir: str) -> dict[str, Any]:
+def export(restored, output: str, *, workdir: str,
+           new_items_folder: str | None = None) -> dict[str, Any]:
   """Writes the arrays and manifest.json into `output`; returns the manifest.
 
-  Raises DataError if `output` exists and is not an empty folder.
+  With `new_items_folder` (`new_items.read_new_items`) also
+  new_item_embeddings.npy, the new items encoded by the run's inductive
+  item encoder.
+
+  Raises DataError if `output` exists and is not an empty folder, or (with
+  `new_items_folder`) for a run without the inductive encoder or a bad
+  folder; nothing is written then.
   """
+  from mmssl_jax import recommend  # pylint: disable=g-import-not-at-top
   check_output_dir(output)
+  new = recommend.load_new_items(restored, new_items_folder)
   arrays = representations(restored)
-  manifest = build_manifest(restored, arrays, workdir)
+  if new is not None:
+    arrays["new_item_embeddings"] = new
+  manifest = build_manifest(restored, arrays, workdir, new_items_folder)
   parent = os.path.dirname(os.path.abspath(output))
   tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
   try:
@@ -181,25 +217,30 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
       "output": flags.DEFINE_string(
           "output", None, "Folder to write; must be new or empty.",
           required=True, flag_values=flag_values),
+      **recommend.define_new_items_flag(flag_values),
   }
-
 
 
 def main(argv: Sequence[str], f: dict[str, flags.FlagHolder]) -> int:
   if len(argv) > 1:
     return print_error(f"unexpected arguments: {' '.join(argv[1:])}")
+  from mmssl_jax import new_items  # pylint: disable=g-import-not-at-top
   from mmssl_jax import recommend  # pylint: disable=g-import-not-at-top
   from mmssl_jax import restore  # pylint: disable=g-import-not-at-top
   from mmssl_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from mmssl_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from mmssl_jax.data import DataError  # pylint: disable=g-import-not-at-top
   workdir, output = f["workdir"].value, f["output"].value
+  folder = f["new_items"].value
   try:
     check_output_dir(output)  # before the (slow) restore
+    if folder is not None:
+      new_items.require_folder(folder)
     which = recommend.parse_checkpoint(f["checkpoint"].value)
     restored = restore.restore_run(workdir, which=which,
                                    data_dir=f["data_dir"].value)
-    manifest = export(restored, output, workdir=workdir)
+    manifest = export(restored, output, workdir=workdir,
+                      new_items_folder=folder)
   except (ExportError, recommend.UserError, DataError, run_lib.ConfigError,
           workdir_lib.ConfigMismatchError, FileNotFoundError,
           FileExistsError, OSError, ValueError) as e:

@@ -30,10 +30,27 @@ With `--output` and no `--format`, the file's extension decides (.csv, or
 digits, enough to recover the float32 values exactly (the table shows 6
 decimals).
 
+New items, without retraining (`--new_items=FOLDER`, run trained with
+`--config.model.cold_start=True`): FOLDER holds one `<modality>_feat.npy` per
+modality of the run (its names and widths; the same number of rows N in each;
+row r is new item r; `mmssl_jax.new_items`). The items are encoded by the
+run's inductive item encoder (`model.encode_items`) and ranked for the users
+by the same dot product. New item r has the id n_items + r in the output.
+By default only the new items are candidates (K in [1, N]);
+`--new_items_only=false` ranks them together with the catalogue items
+(training items still excluded; K in [1, n_items + N]).
+
+  python -m mmssl_jax.recommend --workdir=runs/tiktok --users=3,17 --k=5 \
+      --new_items=new_items
+
 Errors print one line `error: ...` on stderr and exit with status 1: a user
 id that is not an integer in [0, n_users), K outside [1, n_items], a workdir
 without config.json or checkpoints, a dataset that no longer loads (move it
-back or pass `--data_dir`), an existing `--output`.
+back or pass `--data_dir`), an existing `--output`; with `--new_items` a run
+without the inductive encoder, or a bad new-items folder (missing, a missing
+or unknown `<modality>_feat.npy`, a wrong width, an empty file, NaN or inf,
+row counts that differ: the message names the file and the first bad row).
+Nothing is written on an error.
 """
 
 from __future__ import annotations
@@ -104,23 +121,37 @@ def check_users(users: Sequence[int], n_users: int) -> np.ndarray:
   return users.astype(np.int32)
 
 
-def check_k(k: int, n_items: int) -> int:
+def check_k(k: int, n_items: int, what: str = "items") -> int:
+  """K, or UserError unless 1 <= K <= n_items (`what`: the candidates)."""
   if not 1 <= int(k) <= n_items:
     raise UserError(f"--k={k}: K must lie in [1, {n_items}] (the number of "
-                    "items)")
+                    f"{what})")
   return int(k)
 
 
 class Recommender:
   """The scores of a restored run, with its final embeddings computed once.
 
+  Args:
+    restored: a `restore.RestoredRun`.
+    block_users: users scored at a time.
+    new_item_emb: optional (N, d) vectors of new items (`new_items.encode`);
+      new item r gets the id n_items + r.
+    include_catalogue: with `new_item_emb`, rank the new items together
+      with the catalogue items (training items excluded); False: only the
+      new items are candidates.
+
   Attributes:
     user_emb, item_emb: final representations (device arrays), eval mode.
     n_users, n_items: the dataset's sizes.
-    exclude: int32 (n_users, E) training items of every user, -1 padded.
+    exclude: int32 (n_users, E) excluded candidates of every user (training
+      items; none among new items alone), -1 padded.
+    candidates: the (C, d) item vectors ranked; candidate c has the id
+      c + id_offset.
   """
 
-  def __init__(self, restored, *, block_users: int = DEFAULT_BLOCK_USERS):
+  def __init__(self, restored, *, block_users: int = DEFAULT_BLOCK_USERS,
+               new_item_emb=None, include_catalogue: bool = False):
     if block_users < 1:
       raise UserError(f"--block_users must be >= 1, got {block_users}")
     ds = restored.dataset
@@ -130,6 +161,20 @@ class Recommender:
         restored.state)
     self.exclude = pad_lists([np.unique(x) for x in
                               ds.train.user_lists(ds.n_users)])
+    self.candidates, self.id_offset, self.what = self.item_emb, 0, "items"
+    if new_item_emb is not None:
+      new = jnp.asarray(new_item_emb, self.item_emb.dtype)
+      if include_catalogue:
+        self.candidates = jnp.concatenate([self.item_emb, new])
+        self.what = "catalogue and new items"
+      else:
+        self.candidates, self.id_offset = new, self.n_items
+        self.exclude = np.full((self.n_users, 1), -1, np.int32)
+        self.what = "new items"
+    self.n_candidates = int(self.candidates.shape[0])
+
+  def check_k(self, k: int) -> int:
+    return check_k(k, self.n_candidates, self.what)
 
   def blocks(self, users: Sequence[int], k: int
              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -140,7 +185,7 @@ class Recommender:
     """
     from mmssl_jax import evaluation  # pylint: disable=g-import-not-at-top
     users = check_users(users, self.n_users)
-    k = check_k(k, self.n_items)
+    k = self.check_k(k)
     if not len(users):
       return
     # Every block has the same shape, min(block_users, n_users) rows (the
@@ -154,17 +199,20 @@ class Recommender:
       padded = np.zeros(block, np.int32)
       padded[:len(chunk)] = chunk
       scores, ids = evaluation.topk_items(
-          self.user_emb, self.item_emb, jnp.asarray(padded),
+          self.user_emb, self.candidates, jnp.asarray(padded),
           jnp.asarray(self.exclude[padded]), k=k)
       n = len(chunk)
-      yield chunk, np.asarray(ids)[:n], np.asarray(scores)[:n]
+      ids = np.asarray(ids)[:n]
+      if self.id_offset:
+        ids = np.where(ids >= 0, ids + self.id_offset, -1)
+      yield chunk, ids, np.asarray(scores)[:n]
 
   def top_k(self, users: Sequence[int], k: int
             ) -> tuple[np.ndarray, np.ndarray]:
     """(item ids int32 (n, k), scores float32 (n, k)) for `users`."""
     parts = list(self.blocks(users, k))
     if not parts:
-      k = check_k(k, self.n_items)
+      k = self.check_k(k)
       return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
     return (np.concatenate([p[1] for p in parts]).astype(np.int32),
             np.concatenate([p[2] for p in parts]).astype(np.float32))
@@ -190,6 +238,45 @@ def recommend(restored, users: Sequence[int], k: int, *,
     UserError (a ValueError): a user id out of range or k out of range.
   """
   return Recommender(restored, block_users=block_users).top_k(users, k)
+
+
+def read_new_items(folder, restored) -> dict[str, np.ndarray]:
+  """A new-items folder's features, checked against the run: modality ->
+  float32 (N, d_m) (`new_items.read_new_items`; DataError naming the file
+  and the first bad row)."""
+  from mmssl_jax import new_items  # pylint: disable=g-import-not-at-top
+  return new_items.read_new_items(folder, restored)
+
+
+def rank_new_items(restored, users: Sequence[int], new_features, k: int, *,
+                   include_catalogue: bool = False,
+                   block_users: int = DEFAULT_BLOCK_USERS
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Top-k new items of `users`, encoded from their features (no retraining).
+
+  Args:
+    restored: a `restore.RestoredRun` trained with `model.cold_start=True`.
+    users: user ids in [0, n_users).
+    new_features: modality -> (N, d_m) features of N new items, e.g. from
+      `read_new_items`; row r is new item r.
+    k: items per user, in [1, N] (with the catalogue, [1, n_items + N]).
+    include_catalogue: False: only the new items are candidates; True: the
+      new items compete with the catalogue items (training items excluded).
+    block_users: users scored at a time.
+
+  Returns:
+    (item_ids, scores) as `recommend` returns them; new item r has the id
+    n_items + r, catalogue items keep theirs. The score of new item r is
+    u* . model.encode_items(cold_encoder, features)[r].
+
+  Raises:
+    DataError: the run has no inductive encoder (`new_items.NO_INDUCTIVE`).
+    UserError (a ValueError): a user id or k out of range.
+  """
+  from mmssl_jax import new_items  # pylint: disable=g-import-not-at-top
+  emb = new_items.encode(restored, new_features)
+  return Recommender(restored, block_users=block_users, new_item_emb=emb,
+                     include_catalogue=include_catalogue).top_k(users, k)
 
 
 # ----------------------------------------------------------------------------
@@ -330,6 +417,28 @@ def define_run_flags(flag_values: flags.FlagValues
   }
 
 
+def define_new_items_flag(flag_values: flags.FlagValues
+                          ) -> dict[str, flags.FlagHolder]:
+  """--new_items, shared by `recommend` and `export`."""
+  return {"new_items": flags.DEFINE_string(
+      "new_items", None, "Folder of new items' features, one "
+      "<modality>_feat.npy per modality of the run (same widths, N rows "
+      "each); they are encoded by the run's inductive item encoder (trained "
+      "with --config.model.cold_start=True) and new item r gets the id "
+      "n_items + r.", flag_values=flag_values)}
+
+
+def load_new_items(restored, folder: str | None):
+  """(N, d) vectors of the new items in `folder` (None: None); DataError for
+  a run without the inductive encoder or a bad folder."""
+  if folder is None:
+    return None
+  from mmssl_jax import new_items  # pylint: disable=g-import-not-at-top
+  new_items.check_inductive(restored)
+  return new_items.encode(restored,
+                          new_items.read_new_items(folder, restored))
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS
                  ) -> dict[str, flags.FlagHolder]:
   """Defines the flags on `flag_values` (the global FLAGS only when run as a
@@ -357,6 +466,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
       "block_users": flags.DEFINE_integer(
           "block_users", DEFAULT_BLOCK_USERS, "Users scored at a time.",
           flag_values=fv),
+      **define_new_items_flag(fv),
+      "new_items_only": flags.DEFINE_boolean(
+          "new_items_only", True, "With --new_items: rank only the new "
+          "items (true), or the new and the catalogue items together "
+          "(false).", flag_values=fv),
   }
   flags.DEFINE_alias("users_file", "users-file", flag_values=fv)
   flags.DEFINE_alias("all_users", "all-users", flag_values=fv)
@@ -388,6 +502,29 @@ def _requested_users(f) -> list[int] | None:
   return users
 
 
+def _check_flags(f) -> tuple[list[int] | None, str, str | int]:
+  """(users, format, checkpoint): the checks that need no restore."""
+  from mmssl_jax import new_items  # pylint: disable=g-import-not-at-top
+  users = _requested_users(f)
+  output = f["output"].value
+  fmt = resolve_format(f["format"].value, output)
+  if users is None and fmt == "table":
+    raise UserError("--all-users writes csv or json: pass --format=csv|json "
+                    "or an --output ending in .csv or .jsonl")
+  which = parse_checkpoint(f["checkpoint"].value)
+  if f["k"].value < 1:
+    raise UserError(f"--k={f['k'].value}: K must be >= 1")
+  if f["block_users"].value < 1:
+    raise UserError(f"--block_users={f['block_users'].value}: must be >= 1")
+  if output is not None and os.path.lexists(output):
+    raise UserError(f"--output={output}: exists; refusing to overwrite it")
+  if f["new_items"].value is not None:
+    new_items.require_folder(f["new_items"].value)
+  elif f["new_items_only"].present:
+    raise UserError("--new_items_only needs --new_items=FOLDER")
+  return users, fmt, which
+
+
 def main(argv: Sequence[str], f: dict[str, flags.FlagHolder], *,
          stdout: TextIO | None = None) -> int:
   """Runs the command for parsed flags `f`; returns the exit status."""
@@ -398,28 +535,19 @@ def main(argv: Sequence[str], f: dict[str, flags.FlagHolder], *,
   from mmssl_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from mmssl_jax import workdir  # pylint: disable=g-import-not-at-top
   from mmssl_jax.data import DataError  # pylint: disable=g-import-not-at-top
-  output = f["output"].value
+  output, folder = f["output"].value, f["new_items"].value
   out = None
   try:
-    users = _requested_users(f)
-    fmt = resolve_format(f["format"].value, output)
-    if users is None and fmt == "table":
-      raise UserError("--all-users writes csv or json: pass --format=csv|json "
-                      "or an --output ending in .csv or .jsonl")
-    which = parse_checkpoint(f["checkpoint"].value)
-    if f["k"].value < 1:
-      raise UserError(f"--k={f['k'].value}: K must be >= 1")
-    if f["block_users"].value < 1:
-      raise UserError(f"--block_users={f['block_users'].value}: must be >= 1")
-    if output is not None and os.path.lexists(output):  # before the restore
-      raise UserError(f"--output={output}: exists; refusing to overwrite it")
+    users, fmt, which = _check_flags(f)  # before the (slow) restore
     restored = restore.restore_run(f["workdir"].value, which=which,
                                    data_dir=f["data_dir"].value)
-    rec = Recommender(restored, block_users=f["block_users"].value)
+    rec = Recommender(restored, block_users=f["block_users"].value,
+                      new_item_emb=load_new_items(restored, folder),
+                      include_catalogue=not f["new_items_only"].value)
     if users is None:
       users = range(rec.n_users)
     check_users(users, rec.n_users)
-    check_k(f["k"].value, rec.n_items)
+    rec.check_k(f["k"].value)
     if output is not None:
       out = _AtomicOutput(output)
       write_recommendations(out.stream, rec, users, f["k"].value, fmt)
