@@ -240,24 +240,6 @@ def build_corpus(root: str | Path) -> list[Case]:
   add("no_features_for_mmssl", d, d.name,
       "MMSSL needs at least one modality")
 
-  d = new("fewer_items_than_eval_ks")
-  obj = {u: [i for i in items if i < 30]
-         for u, items in _read(d / "train.json").items()}
-  _write(d / "train.json", obj)
-  for split in ("val", "test"):
-    objs = _read(d / f"{split}.json")
-    objs = {u: [i for i in items if i < 30] for u, items in objs.items()}
-    # Keep the split non-empty with items in range and not in train.
-    for u, items in objs.items():
-      if not items:
-        free = [i for i in range(30) if i not in obj.get(u, [])]
-        objs[u] = free[:1]
-    _write(d / f"{split}.json", objs)
-  for p in d.glob("*_feat.npy"):
-    np.save(p, np.load(p)[:30])
-  add("fewer_items_than_eval_ks", d, d.name,
-      "eval.ks (10, 20, 50) exceed the 30 items")
-
   d = new("unknown_format")
   add("unknown_format", d, d, "unknown format 'csv'",
       "--config.data.format=csv")
