@@ -99,7 +99,8 @@ def run_baseline(seed: int, name: str) -> list[dict]:
   from mmssl_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   config, ds, _ = run_lib.load(_config(seed, "lightgcn"))
   built = run_lib.Run(config, ds)
-  user, item = getattr(baselines, name)(ds)
+  user, item = (baselines.popularity(ds, seed) if name == "popularity"
+                else getattr(baselines, name)(ds))
   user, item = jnp.asarray(user), jnp.asarray(item)
   return [_row(name, seed, built.evaluate_embeddings(user, item, "test"),
                built.evaluate_embeddings(user, item, "val"))]

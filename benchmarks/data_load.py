@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -23,17 +21,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import numpy as np  # pylint: disable=wrong-import-position
-
 from mmssl_jax.data import formats  # pylint: disable=wrong-import-position
 import results_io  # pylint: disable=wrong-import-position
-
-
-def machine() -> dict:
-  return {"cpus": os.cpu_count(), "platform": platform.platform(),
-          "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
-                              * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-          "python": platform.python_version(), "numpy": np.__version__}
 
 
 def main() -> None:
@@ -55,7 +44,7 @@ def main() -> None:
       "modality_dims": ds.modality_dims,
       "load_s_median": round(statistics.median(times), 3),
       "load_s_min": round(min(times), 3), "repeats": args.repeats,
-      "machine": machine(), "date": datetime.date.today().isoformat(),
+      "machine": results_io.machine(), "date": datetime.date.today().isoformat(),
       "command": "python benchmarks/data_load.py --data=PATH/"
                  f"{args.data.name} --format={args.format}",
   }, args.output)

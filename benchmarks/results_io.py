@@ -76,9 +76,17 @@ def apply_overrides(config, overrides) -> None:
 
 
 def machine() -> dict:
-  """The processor, CPU count and JAX devices of this machine."""
+  """The processor, CPU count, memory and JAX devices of this machine."""
   import jax  # pylint: disable=g-import-not-at-top
+  model = ""
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      names = [l.split(":", 1)[1].strip() for l in f
+               if l.startswith("model name")]
+    model = " ".join(names[0].split()[:2]) if names else ""
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
   return {"processor": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(),
+          "cpu_model": model, "cpu_count": os.cpu_count(),
+          "memory_gib": round(memory),
           "device": f"{jax.default_backend()} "
                     f"{jax.devices()[0].device_kind} x {jax.device_count()}"}

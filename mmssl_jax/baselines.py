@@ -3,9 +3,10 @@
 Both plug into `run.Run.evaluate_embeddings`, so they are ranked exactly as
 the models are (full ranking minus training items, every item group).
 
-* `popularity`: an item's score is its number of training interactions.
-  Items without any (new items) all score 0: popularity cannot rank them,
-  and ties fall back to the item id.
+* `popularity`: an item's score is its number of training interactions,
+  ties broken at random (seeded). Items without any (new items) all tie at
+  0: popularity cannot rank them, and among them the order is random (an
+  id order could carry information: MovieLens numbers its films in order).
 * `content_knn`: a user's profile in modality m is the mean of its training
   items' L2-normalised features; an item's score is the sum over modalities
   of the cosine between the profile and the item's features. It needs no
@@ -24,11 +25,13 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(norm, 1e-12)
 
 
-def popularity(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
-  """(users (U, 1) of ones, items (I, 1) training degrees), float32."""
+def popularity(ds: Dataset, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(users (U, 1) of ones, items (I, 1) training degree + U[0, 0.5)), float32
+  (the jitter orders only items of equal degree)."""
   degree = np.bincount(ds.train.items, minlength=ds.n_items)
+  jitter = np.random.default_rng(seed).uniform(0.0, 0.5, ds.n_items)
   return (np.ones((ds.n_users, 1), np.float32),
-          degree.astype(np.float32)[:, None])
+          (degree + jitter).astype(np.float32)[:, None])
 
 
 def content_knn(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:

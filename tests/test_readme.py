@@ -175,6 +175,13 @@ class Sandbox:
     formats.write_mmssl(_tiny({"image": 10, "audio": 6}), data / "tiktok")
     formats.write_mmssl(_tiny({"text": 9, "genre": 5}), data / "ml100k")
     _write_raw(self.work / "raw")
+    # Features of 4 items the TikTok run has never seen (recommend/export
+    # --new_items).
+    (self.work / "new_items").mkdir()
+    rng = np.random.default_rng(2)
+    for m, dim in (("image", 10), ("audio", 6)):
+      np.save(self.work / "new_items" / f"{m}_feat.npy",
+              rng.normal(size=(4, dim)).astype(np.float32))
     (self.work / "users.txt").write_text("3\n17\n42\n")
     self.done: dict[int, object] = {}  # command index -> result
 
