@@ -4,12 +4,9 @@ r"""MMSSL on Allrecipes with the authors' Allrecipes settings (docs/reference.md
 
 The released code's authors no longer distribute this dataset.
 
-Data: the folder `--config.data.dir`, by default `$MMSSL_DATA/allrecipes` when
-MMSSL_DATA is set, else `data/allrecipes` under the working directory; it holds
-train.json, val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
-tstMat.pkl) and <modality>_feat.npy files (README, "Data").
-Variants: `configs/allrecipes.py:variant=paper`, `:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
-`:model=lightgcn`, `:modalities=image+text` (combine with commas).
+The dataset folder: --config.data.dir, else $MMSSL_DATA/allrecipes, else
+data/allrecipes; variants, ablations and modalities as config arguments
+(`allrecipes.py:variant=paper,ablation=wo_cl`): `mmssl_jax/config_lib.py`.
 """
 
 from mmssl_jax import config_lib

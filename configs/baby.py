@@ -6,12 +6,9 @@ docs/reference.md §6.2).
 Baby's m_topk_rate 1e-4 gives k = 0: regenerated modality graphs are empty
 (docs/reference.md §4.4). MMSSL needs at least one <modality>_feat.npy.
 
-Data: the folder `--config.data.dir`, by default `$MMSSL_DATA/baby` when
-MMSSL_DATA is set, else `data/baby` under the working directory; it holds
-train.json, val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
-tstMat.pkl) and <modality>_feat.npy files (README, "Data").
-Variants: `configs/baby.py:variant=paper`, `:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
-`:model=lightgcn`, `:modalities=image+text` (combine with commas).
+The dataset folder: --config.data.dir, else $MMSSL_DATA/baby, else
+data/baby; variants, ablations and modalities as config arguments
+(`baby.py:variant=paper,ablation=wo_cl`): `mmssl_jax/config_lib.py`.
 """
 
 from mmssl_jax import config_lib

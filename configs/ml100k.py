@@ -7,12 +7,9 @@ The released code was measured on this data with the Baby settings
 replacement (docs/reference.md §4.2). `python -m mmssl_jax.data.prepare` builds
 such a folder from the MovieLens files.
 
-Data: the folder `--config.data.dir`, by default `$MMSSL_DATA/ml100k` when
-MMSSL_DATA is set, else `data/ml100k` under the working directory; it holds
-train.json, val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
-tstMat.pkl) and <modality>_feat.npy files (README, "Data").
-Variants: `configs/ml100k.py:variant=paper`, `:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
-`:model=lightgcn`, `:modalities=image+text` (combine with commas).
+The dataset folder: --config.data.dir, else $MMSSL_DATA/ml100k, else
+data/ml100k; variants, ablations and modalities as config arguments
+(`ml100k.py:variant=paper,ablation=wo_cl`): `mmssl_jax/config_lib.py`.
 """
 
 from mmssl_jax import config_lib

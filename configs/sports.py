@@ -4,12 +4,9 @@ r"""MMSSL on Amazon-Sports with the authors' Sports settings (docs/reference.md 
 
 MMSSL needs at least one <modality>_feat.npy (image and text in the paper).
 
-Data: the folder `--config.data.dir`, by default `$MMSSL_DATA/sports` when
-MMSSL_DATA is set, else `data/sports` under the working directory; it holds
-train.json, val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
-tstMat.pkl) and <modality>_feat.npy files (README, "Data").
-Variants: `configs/sports.py:variant=paper`, `:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
-`:model=lightgcn`, `:modalities=image+text` (combine with commas).
+The dataset folder: --config.data.dir, else $MMSSL_DATA/sports, else
+data/sports; variants, ablations and modalities as config arguments
+(`sports.py:variant=paper,ablation=wo_cl`): `mmssl_jax/config_lib.py`.
 """
 
 from mmssl_jax import config_lib

@@ -5,12 +5,9 @@ r"""MMSSL on TikTok with the authors' TikTok settings (docs/reference.md §6.2).
 TikTok as MMSSL distributes it has image (visual), audio (acoustic) and text
 features; every *_feat.npy in the folder is used unless `modalities=` names some.
 
-Data: the folder `--config.data.dir`, by default `$MMSSL_DATA/tiktok` when
-MMSSL_DATA is set, else `data/tiktok` under the working directory; it holds
-train.json, val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
-tstMat.pkl) and <modality>_feat.npy files (README, "Data").
-Variants: `configs/tiktok.py:variant=paper`, `:ablation=wo_asl|wo_cl|wo_gt|rp_gae`,
-`:model=lightgcn`, `:modalities=image+audio` (combine with commas).
+The dataset folder: --config.data.dir, else $MMSSL_DATA/tiktok, else
+data/tiktok; variants, ablations and modalities as config arguments
+(`tiktok.py:variant=paper,ablation=wo_cl`): `mmssl_jax/config_lib.py`.
 """
 
 from mmssl_jax import config_lib

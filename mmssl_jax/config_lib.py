@@ -6,6 +6,13 @@ Every file in `configs/` builds on `base_config()` (a dataset's on
 `configs/tiktok.py:model=lightgcn` or `configs/tiktok.py:modalities=image+audio`.
 Variants and ablations are only bundles of named config switches.
 
+A dataset config reads the folder `--config.data.dir`, else
+`$MMSSL_DATA/<name>` when MMSSL_DATA is set, else `data/<name>` under the
+working directory (`data_folder_candidates`). The folder holds train.json,
+val.json, test.json (or <name>.inter, or trnMat.pkl, valMat.pkl,
+tstMat.pkl) and one <modality>_feat.npy per modality (README, "Running on
+real data").
+
 Variants: `reference` (the released code, the default) and `paper` (see
 `paper()`: each correction of docs/reference.md §8.1 is its own switch).
 

@@ -279,3 +279,28 @@ def worker_main(worker) -> None:
     worker(sys.argv[2])
   else:
     sys.exit(f"usage: {sys.argv[0]} worker OUT.npz")
+
+
+# ----------------------------------------------------------------------------
+# One-line errors of the command-line tools
+
+
+def last_error_line(stderr: str, *fragments: str) -> str:
+  """The last stderr line, which must be `error: ...` holding `fragments`,
+  with no traceback anywhere."""
+  assert "Traceback" not in stderr, stderr[-3000:]
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in last, last
+  return last
+
+
+def one_error_line(stderr: str) -> str:
+  """The only `error:` line of stderr, which must also be its last line."""
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = [l for l in stderr.strip().splitlines() if l.strip()]
+  errors = [l for l in lines if l.startswith("error:")]
+  assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
+  return errors[0]
+

@@ -61,15 +61,6 @@ def _line(stderr: str, *fragments) -> str:
   return lines[0]
 
 
-def _error_line(stderr: str, *fragments) -> str:
-  assert "Traceback" not in stderr, stderr[-3000:]
-  last = stderr.strip().splitlines()[-1]
-  assert last.startswith("error: "), stderr[-3000:]
-  for fragment in fragments:
-    assert fragment in last, last
-  return last
-
-
 def _largest_file(folder: Path) -> Path:
   return max((p for p in folder.rglob("*") if p.is_file()),
              key=lambda p: p.stat().st_size)
@@ -153,7 +144,7 @@ def test_no_readable_checkpoint_is_one_line_and_deletes_nothing(
   before, metrics = _files(ckpt), _files(workdir)["metrics.jsonl"]
   proc = _run(_cli(workdir, *ARGS))
   assert proc.returncode == 1, proc.stderr[-3000:]
-  _error_line(proc.stderr, f"{workdir}: no readable checkpoint",
+  helpers.last_error_line(proc.stderr, f"{workdir}: no readable checkpoint",
               "tried step(s) 63 (moved aside to", "63.unreadable), 42 (",
               "42.unreadable), 21 (", "21.unreadable)", "nothing was deleted")
   _line(proc.stderr, "21 is unreadable (", "no other checkpoint to try")
@@ -308,9 +299,10 @@ def test_unwritable_checkpoint_stops_with_one_line_and_rerun_resumes(
   proc = _run([sys.executable, "-c", _FULL_DISK, *ARGS,
                f"--workdir={workdir}"])
   assert proc.returncode == 1, proc.stderr[-3000:]
-  _error_line(proc.stderr, f"could not write checkpoint {ckpt / '42'}: ",
-              "File too large", f"the last complete checkpoint, {ckpt / '21'}"
-              ", is untouched", "run the same command again to resume")
+  helpers.last_error_line(
+      proc.stderr, f"could not write checkpoint {ckpt / '42'}: ",
+      "File too large", f"the last complete checkpoint, {ckpt / '21'}"
+      ", is untouched", "run the same command again to resume")
   assert workdir_lib.checkpoint_steps(str(workdir)) == [21]
   assert _records(workdir) == reference[1][:1]  # no record of epoch 1
   proc = _run(_cli(workdir, *ARGS))

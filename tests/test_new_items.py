@@ -91,14 +91,6 @@ def _run(cli, args) -> tuple[int, str, str]:
   return status, out.getvalue(), err.getvalue()
 
 
-def _one_error_line(stderr: str) -> str:
-  assert "Traceback" not in stderr, stderr[-3000:]
-  lines = [l for l in stderr.strip().splitlines() if l.strip()]
-  errors = [l for l in lines if l.startswith("error:")]
-  assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
-  return errors[0]
-
-
 # ----------------------------------------------------------------------------
 # The API
 
@@ -248,7 +240,8 @@ def test_bad_new_items_folders_exit_1_with_one_line(workdir, restored,
         f"--workdir={workdir}", "--users=1", "--k=2",
         f"--new_items={folder}", f"--output={output}"])
     assert status == 1, name
-    assert _one_error_line(err).startswith(f"error: {fragment}"), (name, err)
+    line = helpers.one_error_line(err)
+    assert line.startswith(f"error: {fragment}"), (name, err)
     assert not out and not output.exists(), name
   # export: the same checks, nothing written (one case each way).
   for name, folder, fragment in _bad_folders(restored, tmp_path / "bad2")[:3]:
@@ -256,7 +249,7 @@ def test_bad_new_items_folders_exit_1_with_one_line(workdir, restored,
     status, _, err = _run(export, [f"--workdir={workdir}",
                                    f"--output={output}",
                                    f"--new_items={folder}"])
-    assert status == 1 and fragment in _one_error_line(err), (name, err)
+    assert status == 1 and fragment in helpers.one_error_line(err), (name, err)
     assert not output.exists(), name
   leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".")]
   assert not leftovers
@@ -271,7 +264,7 @@ def test_run_without_the_encoder_refuses_new_items(tmp_path_factory, folder,
     status, _, err = _run(cli, [f"--workdir={plain}", *args,
                                 f"--new_items={folder}"])
     assert status == 1
-    assert _one_error_line(err) == f"error: {new_items.NO_INDUCTIVE}"
+    assert helpers.one_error_line(err) == f"error: {new_items.NO_INDUCTIVE}"
     assert not output.exists()
   restored = restore.restore_best(str(plain))
   features = {m: np.asarray(x)[:3]

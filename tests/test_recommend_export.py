@@ -32,14 +32,6 @@ from test_progress import FakeTTY, read_scalars
 CLI_TIMEOUT_S = 300
 
 
-def _one_error_line(stderr: str) -> str:
-  assert "Traceback" not in stderr, stderr[-3000:]
-  lines = [l for l in stderr.strip().splitlines() if l.strip()]
-  errors = [l for l in lines if l.startswith("error:")]
-  assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
-  return errors[0]
-
-
 @pytest.fixture(scope="module", name="trained")
 def trained_fixture(tmp_path_factory):
   """configs/test.py trained for 1 epoch by the CLI, output piped:
@@ -175,7 +167,7 @@ def test_cli_unknown_user_exits_1_with_one_error_line(trained, tmp_path):
       cwd=helpers.REPO_ROOT, capture_output=True, text=True,
       timeout=CLI_TIMEOUT_S)
   assert proc.returncode == 1
-  assert "unknown user id 120" in _one_error_line(proc.stderr)
+  assert "unknown user id 120" in helpers.one_error_line(proc.stderr)
   assert proc.stdout == ""
   # In-process: negative and non-integer ids, no checkpoint, bad k.
   empty = tmp_path / "empty"
@@ -199,14 +191,15 @@ def test_cli_unknown_user_exits_1_with_one_error_line(trained, tmp_path):
       status = recommend.run_cli([f"--workdir={workdir}", *args],
                                  stdout=io.StringIO())
     assert status == 1, args
-    assert fragment in _one_error_line(err.getvalue()), (args, err.getvalue())
+    line = helpers.one_error_line(err.getvalue())
+    assert fragment in line, (args, err.getvalue())
   for folder, fragment in ((empty, "config.json: not found"),
                            (no_ckpt, "no checkpoint")):
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
       mp.setattr(sys, "stderr", err)
       assert recommend.run_cli([f"--workdir={folder}", "--users=3"]) == 1
-    assert fragment in _one_error_line(err.getvalue())
+    assert fragment in helpers.one_error_line(err.getvalue())
 
 
 def _cli_stdout(workdir, *args) -> str:
@@ -279,7 +272,7 @@ def test_cli_all_users_writes_every_user(trained, restored, tmp_path):
     mp.setattr(sys, "stderr", err)
     assert recommend.run_cli([f"--workdir={workdir}", "--all-users",
                               f"--output={path}"]) == 1
-  assert "refusing to overwrite" in _one_error_line(err.getvalue())
+  assert "refusing to overwrite" in helpers.one_error_line(err.getvalue())
   assert path.read_bytes() == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["all.csv",
                                                         "all.jsonl"]
@@ -346,7 +339,7 @@ def test_export_round_trip(trained, restored, tmp_path):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(sys, "stderr", err)
     assert export.run_cli([f"--workdir={workdir}", f"--output={out}"]) == 1
-  assert "not an empty folder" in _one_error_line(err.getvalue())
+  assert "not an empty folder" in helpers.one_error_line(err.getvalue())
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before
   # An empty folder is fine; nothing temporary is left next to it.
   empty = tmp_path / "empty"

@@ -262,15 +262,6 @@ def _env():
   return dict(os.environ)
 
 
-def _assert_one_error_line(stderr, *fragments):
-  assert "Traceback" not in stderr, stderr[-3000:]
-  last = stderr.strip().splitlines()[-1]
-  assert last.startswith("error: "), stderr[-3000:]
-  for fragment in fragments:
-    assert fragment in last, last
-  return last
-
-
 def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
   workdir = tmp_path / "run"
   env = _env()
@@ -295,7 +286,7 @@ def test_cli_sigterm_saves_and_rerun_resumes(tmp_path):
     err.seek(0)
     stderr = err.read()
   assert status == 128 + signal.SIGTERM == 143
-  last = _assert_one_error_line(stderr, "stopped by SIGTERM at step",
+  last = helpers.last_error_line(stderr, "stopped by SIGTERM at step",
                                 "run the same command again to resume")
   step = int(re.search(r"at step (\d+)", last).group(1))
   assert step in workdir_lib.checkpoint_steps(str(workdir))
@@ -344,7 +335,7 @@ def test_cli_config_mismatch_and_nan_exit_1_with_one_line(tmp_path):
       cwd=helpers.REPO_ROOT, capture_output=True, text=True, env=env,
       timeout=CLI_TIMEOUT_S)
   assert proc.returncode == 1, proc.stderr[-3000:]
-  _assert_one_error_line(proc.stderr, "non-finite loss term", "at step 1")
+  helpers.last_error_line(proc.stderr, "non-finite loss term", "at step 1")
   # The workdir now holds that run's config: another config is refused.
   before = _files(workdir)
   proc = subprocess.run(
@@ -353,7 +344,7 @@ def test_cli_config_mismatch_and_nan_exit_1_with_one_line(tmp_path):
       cwd=helpers.REPO_ROOT, capture_output=True, text=True, env=env,
       timeout=CLI_TIMEOUT_S)
   assert proc.returncode == 1, proc.stderr[-3000:]
-  _assert_one_error_line(proc.stderr, "model.embed_size 16 -> 8",
+  helpers.last_error_line(proc.stderr, "model.embed_size 16 -> 8",
                          "optim.lr 1e+30 -> 0.001", "config.json")
   assert _files(workdir) == before
 
@@ -379,6 +370,6 @@ def test_cli_misspelled_config_field_is_one_line_usage_error(tmp_path):
       cwd=helpers.REPO_ROOT, capture_output=True, text=True,
       env=_env(), timeout=CLI_TIMEOUT_S)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  _assert_one_error_line(proc.stderr, "bad --config override", "epoch",
+  helpers.last_error_line(proc.stderr, "bad --config override", "epoch",
                          'Did you mean "epochs"')
   assert not workdir.exists()
