@@ -308,7 +308,8 @@ def _drop_failure_echoes() -> None:
   closed`, with a traceback), asyncio logs the tasks whose error nobody
   read, and orbax's threads log their tracebacks, during whatever runs
   next. Those (only those) are dropped; the failure itself is reported in
-  one line.
+  one line. Installed when a store opens: the echoes can come from other
+  threads before the failed call has even returned.
   """
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop_callbacks", False):
@@ -409,6 +410,7 @@ class CheckpointStore:
                warn: Callable[[str], None] | None = None):
     if keep < 1:
       raise ValueError(f"train.checkpoint_keep must be >= 1, got {keep}")
+    _drop_failure_echoes()
     self.directory = os.path.abspath(directory)
     self.keep, self.read_only = keep, read_only
     self.warn = warn or logging.warning
@@ -554,7 +556,6 @@ class CheckpointStore:
             metrics=metrics, force=True)
         self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      _drop_failure_echoes()
       raise CheckpointWriteError(self._write_failure(path, e)) from e
     return path
 
@@ -577,7 +578,6 @@ class CheckpointStore:
     except (ConfigMismatchError, MemoryError):
       raise
     except Exception as e:  # pylint: disable=broad-except
-      _drop_failure_echoes()
       cause = _first_line(e)
       if isinstance(e, json.JSONDecodeError):  # orbax's files are prescanned
         cause = f"meta/metadata: {cause}"

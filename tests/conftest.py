@@ -17,9 +17,7 @@ Every program of the session (in the workers and in the processes they
 start) is compiled with helpers.FAST_COMPILE_OPTIONS (XLA backend
 optimisation level 0, no fusion emitters), added to XLA_FLAGS before JAX
 starts its backend: the same HLO, about 3x less CPU compile time (see
-helpers.py); on 2 cores (2026-12-03) the suite went from 10:29 to
-7:45-10:12 wall, 19:12 to 17:07 user time.
-Results differ from XLA's default options by float rounding only;
+helpers.py). Results differ from XLA's default options by float rounding only;
 tests/test_steps.py compares three steps of configs/test.py compiled both
 ways.
 """
@@ -84,8 +82,8 @@ def _fast_backend_compilation() -> None:
     os.environ["XLA_FLAGS"] = f"{flags} {helpers.FAST_XLA_FLAGS}".strip()
 
 
-# The files that take a minute or more on 2 cores, longest first (measured
-# with --durations=0, 2026-12-03). They are handed to the xdist workers
+# The files that take a minute or more on 2 cores, longest first
+# (`--durations=0`). They are handed to the xdist workers
 # before all others, so that no worker is left alone with a long file at the
 # end: xdist's default (--dist loadfile) hands out the files with the most
 # tests first, which put the three multi-device files, 4-6 tests each, last.

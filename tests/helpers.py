@@ -202,9 +202,8 @@ def dense_from_graph_edges(users, items, weights, n_rows, n_cols,
 
 
 # XLA options that cut the CPU compile time of the MMSSL step about 3x
-# (backend optimisation level 0, no fusion emitters; configs/test.py's step,
-# each in a fresh process on 2 cores, 2026-12-03: 14 s with XLA's defaults,
-# 4-5 s with these); same HLO, same results up to float rounding.
+# (backend optimisation level 0, no fusion emitters); same HLO, same results
+# up to float rounding (tests/test_steps.py compares both).
 # conftest.py adds them to XLA_FLAGS for every program of the test session,
 # child processes included.
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
