@@ -1015,12 +1015,15 @@ def new_items_table(sec: Section, name: str) -> list[str]:
   for model, title in NEW_ITEM_MODELS:
     runs = [r for r in d["runs"] if r["model"] == model]
     if runs:
+      epochs = ", ".join(f"{r['best_epoch'] + 1} / {r['epochs']}"
+                         for r in runs if "epochs" in r) or DASH
       rows.append([title, ", ".join(str(r["seed"]) for r in runs)]
                   + [mean_std([r["test"].get(k) for r in runs])
-                     for k in NEW_ITEM_KEYS] + [label])
+                     for k in NEW_ITEM_KEYS] + [epochs, label])
   return table(["model", "seeds", "new R@20", "new NDCG@20",
                 "new among all R@20", "new among all NDCG@20",
-                "old R@20", "all R@20", "command"], rows)
+                "old R@20", "all R@20", "epochs to best / run", "command"],
+               rows)
 
 
 def new_items(res: Results) -> list[str]:
@@ -1112,7 +1115,28 @@ def readme_summary(res: Results | None = None) -> list[str]:
                  DASH, DASH])
   header = ["model", "TikTok R@20", "TikTok NDCG@20", "ML-100K R@20",
             "ML-100K NDCG@20"]
-  return [README_BEGIN, *table(header, rows), README_END]
+  return [README_BEGIN, *table(header, rows), *_new_items_sentence(res),
+          README_END]
+
+
+def _new_items_sentence(res: Results) -> list[str]:
+  """README's line on new items: the inductive path against content kNN."""
+  parts = []
+  for ds, name in (("TikTok", "cold_start_tiktok.json"),
+                   ("ML-100K", "cold_start_ml100k.json")):
+    if name not in res.data:
+      continue
+    summary = res[name]["summary"]
+    cell = lambda model: (f"{summary[model]['cold/recall@20']['mean']:.4f} ± "
+                          f"{summary[model]['cold/recall@20']['std']:.4f}")
+    parts.append(f"{ds} {cell('mmssl_inductive')} against "
+                 f"{cell('content_knn')}")
+  if not parts:
+    return []
+  return [f"New items (20% of the items held out, 3 seeds; "
+          f"[docs/results.md](docs/results.md#new-items)): test Recall@20 "
+          f"among the new items with the inductive path, against a "
+          f"content-kNN baseline: {'; '.join(parts)}.", ""]
 
 
 def update_readme(path: Path, res: Results | None = None) -> bool:

@@ -87,9 +87,11 @@ def _fast_backend_compilation() -> None:
 # before all others, so that no worker is left alone with a long file at the
 # end: xdist's default (--dist loadfile) hands out the files with the most
 # tests first, which put the three multi-device files, 4-6 tests each, last.
-_LONGEST_FIRST = ("test_multihost.py", "test_parallel.py",
-                  "test_reliability.py", "test_train.py", "test_readme.py",
-                  "test_scale.py", "test_item_sharding.py")
+_LONGEST_FIRST = ("test_multihost.py", "test_readme.py", "test_faults.py",
+                  "test_train.py", "test_parallel.py", "test_reliability.py",
+                  "test_steps.py", "test_scale.py", "test_paper_variant.py",
+                  "test_step_pieces.py", "test_training_quality.py",
+                  "test_item_sharding.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
