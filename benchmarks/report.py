@@ -1026,6 +1026,28 @@ def new_items_table(sec: Section, name: str) -> list[str]:
                rows)
 
 
+def _compare(summary: dict, a: str, b: str, key: str) -> str:
+  """'a 0.1 ± 0.01 against b 0.2 ± 0.02: beyond/within seed noise'."""
+  x, y = summary[a][key], summary[b][key]
+  beyond = abs(x["mean"] - y["mean"]) > 2 * max(x["std"], y["std"])
+  side = "higher" if x["mean"] > y["mean"] else "lower"
+  return (f"{f4(x['mean'])} ± {f4(x['std'])} against {f4(y['mean'])} ± "
+          f"{f4(y['std'])}, {side}, "
+          f"{'beyond' if beyond else 'within'} seed noise")
+
+
+def _new_items_verdict(ds: str, summary: dict) -> str:
+  """One line per dataset: the inductive path against content kNN on the new
+  items, and against the same runs without it on the old items."""
+  ind, knn, plain = "mmssl_inductive", "content_knn", "mmssl"
+  return (f"{ds}: new items among the new, Recall@20 "
+          f"{_compare(summary, ind, knn, 'cold/recall@20')} (inductive path "
+          f"against content kNN); among all items "
+          f"{_compare(summary, ind, knn, 'cold_all/recall@20')}; old items, "
+          f"{_compare(summary, ind, plain, 'warm/recall@20')} (with against "
+          "without the inductive path).")
+
+
 def new_items(res: Results) -> list[str]:
   sec = Section(res, "N")
   sec.add("## New items", "",
@@ -1042,10 +1064,16 @@ def new_items(res: Results) -> list[str]:
           "critic; the runs without the inductive path are the same "
           "checkpoints scored with it switched off (its loss reaches no "
           "other parameter).", "")
+  verdicts = []
   for ds, name in (("TikTok", "cold_start_tiktok.json"),
                    ("ML-100K", "cold_start_ml100k.json")):
     if name in res.data:
       sec.add(f"**{ds}**", "", *new_items_table(sec, name))
+      verdicts.append(_new_items_verdict(ds, res[name]["summary"]))
+  if verdicts:
+    sec.add("Differences are called beyond seed noise when they exceed twice "
+            "the larger of the two standard deviations.", "",
+            *[f"- {v}" for v in verdicts], "")
   sec.flush()
   probes = sorted(res.glob("cold_start_loss_ml100k_*.json"))
   if probes:
