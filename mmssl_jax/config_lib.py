@@ -3,7 +3,8 @@
 Every file in `configs/` builds on `base_config()` (a dataset's on
 `dataset_config(name)`) and accepts a big_vision-style argument string, e.g.
 `--config=configs/tiktok.py:variant=paper,ablation=wo_cl`,
-`configs/tiktok.py:model=lightgcn` or `configs/tiktok.py:modalities=image+audio`.
+`configs/tiktok.py:model=lightgcn` or
+`configs/tiktok.py:modalities=image+audio`.
 Variants and ablations are only bundles of named config switches.
 
 A dataset config reads the folder `--config.data.dir`, else
@@ -103,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.contrastive = True  # False = wo_cl
   c.loss.cl_rate = 0.03
   c.loss.tau = 0.5
-  c.loss.adversarial = "wgan"  # 'wgan', 'none' (wo_asl), 'edge_likelihood' (rp_gae)
+  # 'wgan', 'none' (wo_asl) or 'edge_likelihood' (rp_gae)
+  c.loss.adversarial = "wgan"
   c.loss.g_rate = 1e-4  # G_rate
   c.loss.gumbel_transform = True  # False = wo_gt
   c.loss.real_data_tau = 0.005

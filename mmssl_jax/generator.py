@@ -1,4 +1,4 @@
-"""Generated interaction rows: masked, normalised, blockwise, fused with the critic.
+"""Generated interaction rows: masked, normalised, blockwise, fused with a critic.
 
 The generator of MMSSL (docs/reference.md §3.4) turns the feature
 representations of modality m into interaction rows

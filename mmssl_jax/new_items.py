@@ -29,7 +29,7 @@ import numpy as np
 
 from mmssl_jax import model as model_lib
 from mmssl_jax.data.dataset import DataError
-from mmssl_jax.data.formats import FEAT_SUFFIX, _read_npy  # pylint: disable=protected-access
+from mmssl_jax.data.formats import FEAT_SUFFIX, read_npy
 from mmssl_jax.data.validate import error
 
 NO_INDUCTIVE = ("the run has no inductive item path; train with "
@@ -85,7 +85,7 @@ def _read_one(path: Path, modality: str, width: int) -> np.ndarray:
                 f"needs one ({width} columns)")
   if path.stat().st_size == 0:
     raise error(path, "is empty (0 bytes)")
-  return _check_array(_read_npy(path), path, modality, width)
+  return _check_array(read_npy(path), path, modality, width)
 
 
 def read_new_items(folder: str | os.PathLike,

@@ -1,4 +1,4 @@
-"""Building a run: its dataset, the config checks, and `Run` (step, state, eval).
+"""Building a run: its dataset, config checks and `Run`: step, state, evaluation.
 
 `Run(config, ds, mesh)` builds, once, everything a run computes with: the
 static sizes, the step inputs (training graph, features, sampler tables),

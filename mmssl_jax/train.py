@@ -1,4 +1,4 @@
-"""`train_and_evaluate(config, workdir)`: data, state, loop, evaluation, early stop.
+"""`train_and_evaluate(config, workdir)`: data, state, loop, evaluation, stop.
 
 Data is loaded and validated, and the workdir inspected, before anything is
 written to `workdir`, so bad input leaves the workdir untouched. Settings a

@@ -1,4 +1,4 @@
-r"""The training workdir: its files, its lock, its records and the resume decision.
+r"""The training workdir: its files, lock and records, and the resume decision.
 
 A workdir holds:
 

@@ -131,7 +131,8 @@ class Dataset:
     """One line of statistics in the paper's table form."""
     n = len(self.train) + len(self.val) + len(self.test)
     sparsity = 1.0 - n / max(1, self.n_users * self.n_items)
-    dims = ", ".join(f"{m} {d}" for m, d in self.modality_dims.items()) or "none"
+    dims = ", ".join(f"{m} {d}" for m, d in self.modality_dims.items())
+    dims = dims or "none"
     return (f"{self.name}: users {self.n_users:,}, items {self.n_items:,}, "
             f"train/val/test {len(self.train):,}/{len(self.val):,}/"
             f"{len(self.test):,}, sparsity {100 * sparsity:.3f}%, "

@@ -34,7 +34,8 @@ import scipy.sparse as sp
 
 from mmssl_jax.data import cold_start
 from mmssl_jax.data import validate
-from mmssl_jax.data.dataset import DataError, Dataset, Split, check_output_folder
+from mmssl_jax.data.dataset import DataError, Dataset, Split
+from mmssl_jax.data.dataset import check_output_folder
 from mmssl_jax.data.validate import error
 
 FORMATS = ("auto", "mmssl", "mmrec", "pickle")
@@ -43,9 +44,10 @@ JSON_FILES = tuple(f"{s}.json" for s in SPLITS)
 PICKLE_FILES = ("trnMat.pkl", "valMat.pkl", "tstMat.pkl")
 INTER_COLUMNS = ("userID", "itemID", "x_label")
 FEAT_SUFFIX = "_feat.npy"
-EXPECTED_FILES = ("train.json, val.json, test.json (mmssl), or <name>.inter with "
-             "columns userID, itemID, x_label (mmrec), or trnMat.pkl, "
-             "valMat.pkl, tstMat.pkl (pickle), plus optional <modality>_feat.npy")
+EXPECTED_FILES = (
+    "train.json, val.json, test.json (mmssl), or <name>.inter with columns "
+    "userID, itemID, x_label (mmrec), or trnMat.pkl, valMat.pkl, tstMat.pkl "
+    "(pickle), plus optional <modality>_feat.npy")
 _UINT = re.compile(r"[0-9]+")
 _MODALITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -76,7 +78,8 @@ def detect_format(folder: str | os.PathLike) -> str:
     return "mmrec"
   if (folder / PICKLE_FILES[0]).exists():
     return "pickle"
-  raise error(folder, f"cannot detect the dataset format; expected {EXPECTED_FILES}")
+  raise error(folder,
+              f"cannot detect the dataset format; expected {EXPECTED_FILES}")
 
 
 def load_folder(path: str | os.PathLike, *, format: str = "auto",  # pylint: disable=redefined-builtin
@@ -379,11 +382,11 @@ def _read_features(folder: Path, modalities: Sequence[str]
       raise error(folder, f"bad modality name {m!r} (letters, digits, _ . - only)")
     path = folder / f"{m}{FEAT_SUFFIX}"
     validate.require_file(path, expected)
-    features[m] = (validate.check_features(_read_npy(path), path), path)
+    features[m] = (validate.check_features(read_npy(path), path), path)
   return features
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def read_npy(path: Path) -> np.ndarray:
   """Reads a .npy file without unpickling anything."""
   try:
     with open(path, "rb") as f:

@@ -328,7 +328,7 @@ def _reorder_features(features: Mapping[str, str | os.PathLike],
   for name, path in features.items():
     path = Path(path)
     _require_file(path, f"an (items x dims) .npy array for modality {name}")
-    arr = validate.check_features(formats._read_npy(path), path)  # pylint: disable=protected-access
+    arr = validate.check_features(formats.read_npy(path), path)
     if row_ids is not None and arr.shape[0] != row_ids.shape[0]:
       raise error(path, f"{arr.shape[0]} feature rows but {row_ids_source} "
                   f"lists {row_ids.shape[0]} item ids")
