@@ -1075,6 +1075,13 @@ def new_items(res: Results) -> list[str]:
             "the larger of the two standard deviations.", "",
             *[f"- {v}" for v in verdicts], "")
   sec.flush()
+  if "cold_start_tiktok_stop_on_new.json" in res.data:
+    sec.add("### Early stopping on the new items", "",
+            "TikTok again, with early stopping on the validation Recall@20 "
+            "of the new items (`eval.metric=cold/recall@20`) instead of all "
+            "items; the other settings and the seeds as above.", "",
+            *new_items_table(sec, "cold_start_tiktok_stop_on_new.json"))
+    sec.flush()
   probes = sorted(res.glob("cold_start_loss_ml100k_*.json"))
   if probes:
     rows, best = [], (-1.0, "")
