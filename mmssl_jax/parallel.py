@@ -126,11 +126,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over 'data', the other axes replicated."""
-  return NamedSharding(mesh, P(DATA))
-
-
 def item_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (item) axis split over 'item', the other axes replicated."""
   return NamedSharding(mesh, P(ITEM))

@@ -338,7 +338,7 @@ class Run:
   def _place_on_mesh(self, inputs: state_lib.StepInputs) -> None:
     """Global inputs, state shardings, the sharded step and eval sets."""
     mesh = self.mesh
-    inputs = inputs._replace(graph=graph_lib.without_csr(inputs.graph))
+    inputs = parallel.strip_csr_inputs(inputs)
     input_s = parallel.inputs_shardings(inputs, mesh)
     self.inputs = parallel.put_global(inputs, input_s)
     abstract = jax.eval_shape(self._init_state_unplaced)
@@ -360,8 +360,7 @@ class Run:
                              jax.random.key(self.config.seed))
     if self.mesh is None:
       return state
-    return state._replace(modality_graphs={
-        m: graph_lib.without_csr(g) for m, g in state.modality_graphs.items()})
+    return parallel.strip_csr_state(state)
 
   def init_state(self) -> state_lib.TrainState:
     """The initial train state (placed on the mesh, if any)."""
